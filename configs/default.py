@@ -1,0 +1,66 @@
+"""Shared defaults: the paper's recipe (Liu et al., ECCV 2018) for a 256x256 PConv U-Net.
+
+Dataset configs import this module and override a few fields. Every size is global: `optim.batch_size` is the
+batch over all devices and hosts.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # The network (pconv_jax.models.PUNet). features/kernel_sizes: None means the paper's widths for `depth`.
+  config.model = ml_collections.ConfigDict()
+  config.model.depth = 7
+  config.model.features = ml_collections.config_dict.placeholder(tuple)
+  config.model.kernel_sizes = ml_collections.config_dict.placeholder(tuple)
+  config.model.partial = True  # False: the paper's "Conv" baseline (plain convolutions, holes filled).
+  config.model.dtype = "float32"  # Activation dtype; "bfloat16" for mixed precision. Params stay float32.
+
+  # Images and masks (pconv_jax.input_pipeline, pconv_jax.masks).
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds"  # "tfds" | "folder" | "demo" (photos shipped in scikit-image's wheel).
+  config.data.tfds_name = "places365_small"  # Prepared with file_format="array_record" (see README).
+  config.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+  config.data.train_split = "train"  # tfds split; slices such as "train[:27000]" work.
+  config.data.eval_split = "validation"
+  config.data.image_key = "image"  # tfds feature holding the encoded image.
+  config.data.folder = ml_collections.config_dict.placeholder(str)  # source="folder": training images.
+  config.data.eval_folder = ml_collections.config_dict.placeholder(str)  # None: evaluate on `folder`.
+  config.data.image_size = 256
+  # None: crop at the stored resolution (images smaller than image_size are resized up). An int: first
+  # resize the shorter side to this (>= image_size), e.g. 256 to train on whole 1024px CelebA-HQ faces.
+  config.data.resize_shorter_side = ml_collections.config_dict.placeholder(int)
+  config.data.random_flip = True
+  config.data.worker_count = 0  # grain worker processes per host; 0 decodes in the main process.
+  config.data.worker_buffer_size = 2  # Batches each worker (or the main process) prepares ahead.
+  config.data.read_threads = 1  # Threads per process decoding a batch's images (PIL releases the GIL).
+  config.data.masks = ml_collections.ConfigDict()
+  config.data.masks.source = "procedural"  # "procedural" | "nvidia"
+  config.data.masks.dir = ml_collections.config_dict.placeholder(str)  # NVIDIA Irregular Mask Dataset.
+  config.data.masks.min_hole_ratio = 0.01
+  config.data.masks.max_hole_ratio = 0.6
+  # Evaluation masks: None generates the procedural per-bin sets; else NVIDIA's test masks or a saved set.
+  config.data.masks.test_dir = ml_collections.config_dict.placeholder(str)
+  config.data.masks.border_margin = 0.0625  # Border-constrained eval masks: no hole within 1/16 of a side.
+
+  # The loss (pconv_jax.losses): the paper's weights; VGG-16 weights for the perceptual and style terms.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.valid = 1.0
+  config.loss.hole = 6.0
+  config.loss.perceptual = 0.05
+  config.loss.style_out = 120.0
+  config.loss.style_comp = 120.0
+  config.loss.tv = 0.1
+  config.loss.vgg_weights = ml_collections.config_dict.placeholder(str)  # None: look in the cache.
+  config.loss.require_vgg = True  # False: without weights, train with perceptual/style off (demo only).
+
+  # Optimizer: Adam with the paper's global batch of 6.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.batch_size = 6
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+
+  return config

@@ -1,0 +1,191 @@
+"""Partial convolution (Liu et al., ECCV 2018) as a Flax linen module and pure functions.
+
+Semantics follow NVIDIA's reference `PartialConv2d`: for input X, mask M (1 = valid, 0 = hole), kernel W, bias b,
+
+    count  = conv(M, ones)                    # valid inputs under each window
+    ratio  = window_size / (count + eps) * clip(count, 0, 1)
+    output = (conv(X * M, W) * ratio + b) * clip(count, 0, 1)     (bias)
+    output =  conv(X * M, W) * ratio                              (no bias)
+    new_mask = clip(count, 0, 1)
+
+where the reference's multi-channel mask update convolves M with a (Cout, Cin, k, k) all-ones kernel. Every
+output channel of that convolution is the same number, so here the mask is summed over channels once and
+window-summed with a single-channel kernel: identical counts at a (Cout * Cin)-th of the cost, and the new mask
+is returned with one channel (it broadcasts against the Cout-channel output).
+
+The mask path runs in float32 (float64 for float64 inputs) at full precision whatever the activation dtype,
+carries no gradient, and divides only where the count is positive, so bfloat16 activations never see NaN or Inf
+at holes.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
+Array = jax.Array
+
+_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+  if isinstance(value, int):
+    return (value, value)
+  value = tuple(value)
+  if len(value) != 2 or not all(isinstance(v, int) for v in value):
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+  return value
+
+
+def normalize_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
+  """Returns 'SAME'/'VALID' or ((top, bottom), (left, right)) from an int, a per-dimension pair, or pairs."""
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"padding must be 'SAME', 'VALID', an int or per-side pairs, got {padding!r}")
+    return padding.upper()
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  padding = tuple(padding)
+  if len(padding) == 2 and all(isinstance(p, int) for p in padding):
+    return ((padding[0], padding[0]), (padding[1], padding[1]))
+  if len(padding) == 2 and all(isinstance(p, Sequence) and len(p) == 2 for p in padding):
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+  raise ValueError(
+      f"padding must be 'SAME', 'VALID', an int, (pad_h, pad_w) or ((top, bottom), (left, right)); got {padding!r}")
+
+
+def valid_count(
+    mask: Array,
+    kernel_size: tuple[int, int],
+    strides: tuple[int, int],
+    padding: Padding,
+    dilation: tuple[int, int],
+    in_features: int,
+    multi_channel: bool,
+    dtype: Any = jnp.float32,
+) -> Array:
+  """Number of valid input elements under each output window, shape (B, H', W', 1), exact in `dtype`.
+
+  Equals any channel of the reference's `conv(mask, ones(Cout, Cin, kh, kw))` (multi-channel) or
+  `conv(mask, ones(1, 1, kh, kw))` (single-channel). A one-channel mask given to a multi-channel layer stands
+  for the same mask on all `in_features` channels.
+  """
+  mask = lax.stop_gradient(mask).astype(dtype)
+  channel_sum = jnp.sum(mask, axis=-1, keepdims=True)
+  if multi_channel and mask.shape[-1] == 1:
+    channel_sum = channel_sum * in_features
+  ones = jnp.ones(kernel_size + (1, 1), dtype)
+  # HIGHEST precision: counts reach Cin*kh*kw (e.g. 9216) and must stay exact on TPU/GPU, where the default
+  # float32 convolution precision rounds inputs to bfloat16/TF32.
+  return lax.conv_general_dilated(
+      channel_sum, ones, window_strides=strides, padding=normalize_padding(padding), rhs_dilation=dilation,
+      dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST)
+
+
+def mask_update(count: Array, window_size: int, eps: float = 1e-8) -> tuple[Array, Array]:
+  """Returns (ratio, new_mask) from window counts: the reference's renormalisation, without NaN or Inf."""
+  new_mask = jnp.clip(count, 0.0, 1.0)
+  safe = jnp.where(count > 0, count, 1.0)
+  ratio = jnp.where(count > 0, window_size / (safe + eps), 0.0) * new_mask
+  return ratio, new_mask
+
+
+def partial_conv(
+    x: Array,
+    mask: Array | None,
+    kernel: Array,
+    bias: Array | None,
+    *,
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = 0,
+    dilation: tuple[int, int] = (1, 1),
+    multi_channel: bool = False,
+    eps: float = 1e-8,
+    precision: Any = None,
+) -> tuple[Array, Array]:
+  """Partial convolution of NHWC `x` with HWIO `kernel`; returns (output, new_mask with one channel).
+
+  `mask=None` means every input pixel is valid (the window counts still see the zero padding as holes, as in
+  the reference). The output has x's dtype; the mask path runs in float32, or float64 for float64 inputs.
+  """
+  kh, kw, in_features, _ = kernel.shape
+  _check_shapes(x, mask, in_features, multi_channel)
+  window_size = kh * kw * (in_features if multi_channel else 1)
+  padding = normalize_padding(padding)
+
+  mask_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  count_mask = jnp.ones((1,) + x.shape[1:3] + (1,), mask_dtype) if mask is None else mask
+  count = valid_count(count_mask, (kh, kw), strides, padding, dilation, in_features, multi_channel, mask_dtype)
+  ratio, new_mask = mask_update(count, window_size, eps)
+
+  masked = x if mask is None else x * lax.stop_gradient(mask).astype(x.dtype)
+  raw = lax.conv_general_dilated(
+      masked, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+      dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+  out = raw.astype(mask_dtype) * ratio
+  if bias is not None:
+    out = (out + bias.astype(mask_dtype)) * new_mask
+  new_mask = jnp.broadcast_to(new_mask, (x.shape[0],) + new_mask.shape[1:])
+  return out.astype(x.dtype), new_mask
+
+
+def _check_shapes(x: Array, mask: Array | None, in_features: int, multi_channel: bool) -> None:
+  if x.ndim != 4 or x.shape[-1] != in_features:
+    raise ValueError(f"PartialConv expects NHWC input with {in_features} channels, got shape {x.shape}")
+  if mask is None:
+    return
+  allowed = (1, in_features) if multi_channel else (1,)
+  if mask.ndim != 4 or mask.shape[1:3] != x.shape[1:3] or mask.shape[0] not in (1, x.shape[0]) \
+      or mask.shape[-1] not in allowed:
+    kind = f"1 or {in_features}" if multi_channel else "1 (use multi_channel=True for per-channel masks)"
+    raise ValueError(
+        f"mask shape {mask.shape} does not fit input shape {x.shape}: the mask must be NHWC with the input's "
+        f"height and width, batch 1 or {x.shape[0]}, and {kind} channels")
+
+
+class PartialConv(nn.Module):
+  """Partial convolution layer, NHWC. Called as `y, new_mask = layer(x, mask=None)`.
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: int or (kh, kw).
+    strides: int or (sh, sw).
+    padding: 'SAME', 'VALID', an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
+    dilation: int or (dh, dw) kernel dilation.
+    use_bias: add a bias (renormalised as in the reference).
+    multi_channel: the mask has one value per input channel (the reference's `multi_channel=True`); otherwise
+      one mask channel shared by all input channels.
+    eps: the reference's 1e-8 in `window_size / (count + eps)`.
+    dtype: computation dtype of the convolution (e.g. bfloat16); the mask path stays float32 or wider.
+    param_dtype: dtype of kernel and bias.
+    precision: precision of the data convolution.
+  """
+  features: int
+  kernel_size: int | Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: Padding = 0
+  dilation: int | Sequence[int] = 1
+  use_bias: bool = True
+  multi_channel: bool = False
+  eps: float = 1e-8
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = nn.initializers.kaiming_normal()
+  bias_init: Any = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array]:
+    kernel_size = _pair(self.kernel_size, "kernel_size")
+    kernel = self.param("kernel", self.kernel_init, kernel_size + (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return partial_conv(
+        x, mask, kernel, bias, strides=_pair(self.strides, "strides"), padding=self.padding,
+        dilation=_pair(self.dilation, "dilation"), multi_channel=self.multi_channel, eps=self.eps,
+        precision=self.precision)

@@ -1,0 +1,201 @@
+"""PartialConv against an independent float64 NumPy oracle of NVIDIA's PartialConv2d formula."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pconv_jax import layers
+
+
+def conv2d_nchw(x, w, stride, pads, dilation):
+  """Naive cross-correlation in float64, NCHW input, OIHW kernel, pads ((top, bottom), (left, right))."""
+  (pt, pb), (pl, pr) = pads
+  x = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+  n, _, h, wd = x.shape
+  cout, _, kh, kw = w.shape
+  oh = (h - dilation * (kh - 1) - 1) // stride + 1
+  ow = (wd - dilation * (kw - 1) - 1) // stride + 1
+  out = np.zeros((n, cout, oh, ow))
+  for i in range(kh):
+    for j in range(kw):
+      patch = x[:, :, i * dilation: i * dilation + stride * (oh - 1) + 1: stride,
+                j * dilation: j * dilation + stride * (ow - 1) + 1: stride]
+      out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+  return out
+
+
+def reference_partial_conv(x, mask, w, b, stride, pads, dilation, multi_channel):
+  """NVIDIA PartialConv2d.forward (return_mask=True) transcribed to NumPy float64, NCHW."""
+  cout, cin, kh, kw = w.shape
+  given = mask is not None
+  if not given:
+    mask = np.ones(x.shape if multi_channel else (1, 1) + x.shape[2:])
+  ones = np.ones((cout, cin, kh, kw)) if multi_channel else np.ones((1, 1, kh, kw))
+  slide_winsize = ones.shape[1] * ones.shape[2] * ones.shape[3]
+  update = conv2d_nchw(mask, ones, stride, pads, dilation)
+  ratio = slide_winsize / (update + 1e-8)
+  update = np.clip(update, 0, 1)
+  ratio = ratio * update
+  raw = conv2d_nchw(x * mask if given else x, w, stride, pads, dilation)
+  if b is not None:
+    raw = raw + b.reshape(1, -1, 1, 1)
+    out = ((raw - b.reshape(1, -1, 1, 1)) * ratio + b.reshape(1, -1, 1, 1)) * update
+  else:
+    out = raw * ratio
+  return out, update
+
+
+def same_pads(size, k, s, d):
+  out = -(-size // s)
+  total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+  return (total // 2, total - total // 2)
+
+
+def to_nchw(a):
+  return np.transpose(a, (0, 3, 1, 2))
+
+
+def assert_matches_oracle(x, mask, kernel, bias, stride, padding, dilation, multi_channel):
+  k = kernel.shape[0]
+  h, w = x.shape[1:3]
+  if padding == "SAME":
+    pads = (same_pads(h, k, stride, dilation), same_pads(w, k, stride, dilation))
+  else:
+    pads = layers.normalize_padding(padding)
+  ref_mask = None
+  if mask is not None:
+    ref_mask = to_nchw(np.broadcast_to(mask, x.shape[:3] + (mask.shape[-1],)))
+    if multi_channel and mask.shape[-1] == 1:
+      ref_mask = np.repeat(ref_mask, x.shape[-1], axis=1)
+  want, want_mask = reference_partial_conv(
+      to_nchw(x).astype(np.float64), ref_mask, np.transpose(kernel, (3, 2, 0, 1)).astype(np.float64),
+      None if bias is None else bias.astype(np.float64), stride, pads, dilation, multi_channel)
+
+  got, got_mask = layers.partial_conv(
+      jnp.asarray(x), None if mask is None else jnp.asarray(mask), jnp.asarray(kernel),
+      None if bias is None else jnp.asarray(bias), strides=(stride, stride), padding=padding,
+      dilation=(dilation, dilation), multi_channel=multi_channel)
+  got, got_mask = to_nchw(np.asarray(got)), to_nchw(np.asarray(got_mask))
+
+  assert got.shape == want.shape
+  scale = np.abs(want).max() + 1e-12
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+  # Masks are exact. The reference's mask channels are all equal; we return one channel of it.
+  assert np.all(want_mask == want_mask[:, :1])
+  np.testing.assert_array_equal(got_mask, np.broadcast_to(want_mask[:, :1], got_mask.shape))
+
+
+PADDINGS = ["half", 0, ((1, 2), (0, 3)), "SAME"]
+
+
+@pytest.mark.parametrize("kernel_size,stride,dilation,padding",
+                         list(itertools.product([1, 3, 5, 7], [1, 2], [1, 2], PADDINGS)))
+def test_partial_conv_matches_reference(kernel_size, stride, dilation, padding):
+  if padding == "half":
+    padding = (kernel_size // 2) * dilation
+  rng = np.random.default_rng([kernel_size, stride, dilation, len(str(padding))])
+  batch, h, w, cin, cout = 2, 14, 17, 3, 4
+  x = rng.normal(size=(batch, h, w, cin)).astype(np.float32)
+  kernel = rng.normal(size=(kernel_size, kernel_size, cin, cout)).astype(np.float32)
+  bias = rng.normal(size=(cout,)).astype(np.float32)
+  masks = {
+      "none": None,
+      "ones": np.ones((batch, h, w, 1), np.float32),
+      "binary_1ch": (rng.random((batch, h, w, 1)) > 0.4).astype(np.float32),
+      "binary_per_channel": (rng.random((batch, h, w, cin)) > 0.5).astype(np.float32),
+  }
+  for (name, mask), use_bias, multi in itertools.product(masks.items(), [True, False], [True, False]):
+    if name == "binary_per_channel" and not multi:
+      continue
+    assert_matches_oracle(x, mask, kernel, bias if use_bias else None, stride, padding, dilation, multi)
+
+
+def test_large_holes_give_zero_output_and_mask():
+  x = np.random.default_rng(0).normal(size=(1, 16, 16, 2)).astype(np.float32)
+  mask = np.ones((1, 16, 16, 1), np.float32)
+  mask[:, 2:12, 3:13] = 0
+  kernel = np.ones((3, 3, 2, 5), np.float32)
+  bias = np.full((5,), 3.0, np.float32)
+  out, new_mask = layers.partial_conv(x, mask, kernel, bias, padding=1, multi_channel=True)
+  inner = np.asarray(new_mask)[0, 3:11, 4:12, 0]
+  assert np.all(inner == 0)
+  assert np.all(np.asarray(out)[0, 3:11, 4:12] == 0)  # No bias leaks into holes.
+  assert_matches_oracle(x, mask, kernel, bias, 1, 1, 1, True)
+
+
+def test_fast_mask_path_equals_full_ones_convolution():
+  """Channel sum + single-channel window sum == the reference's (Cout, Cin, k, k) all-ones convolution."""
+  rng = np.random.default_rng(1)
+  cin, cout = 6, 5
+  mask = (rng.random((2, 17, 15, cin)) > 0.5).astype(np.float32)
+  for k, s, d, p in itertools.product([1, 3, 7], [1, 2], [1, 2], [0, 3, "SAME"]):
+    fast = layers.valid_count(jnp.asarray(mask), (k, k), (s, s), p, (d, d), cin, multi_channel=True)
+    full = lax.conv_general_dilated(
+        jnp.asarray(mask), jnp.ones((k, k, cin, cout)), (s, s), layers.normalize_padding(p),
+        rhs_dilation=(d, d), dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
+    np.testing.assert_array_equal(np.broadcast_to(np.asarray(fast), full.shape), np.asarray(full))
+
+
+def test_bfloat16_activations_have_no_nan_and_exact_masks():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 32, 32, 8)).astype(np.float32)
+  mask = np.ones((2, 32, 32, 1), np.float32)
+  mask[:, 4:28, 4:28] = 0
+  mask[1] = 0  # An all-hole image.
+  layer = layers.PartialConv(16, 3, strides=2, padding=1, multi_channel=True, dtype=jnp.bfloat16)
+  variables = layer.init(jax.random.key(0), x, mask)
+  out, new_mask = layer.apply(variables, jnp.asarray(x, jnp.bfloat16), mask)
+  _, want_mask = layer.apply(variables, x, mask)
+  assert out.dtype == jnp.bfloat16 and new_mask.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  np.testing.assert_array_equal(np.asarray(new_mask), np.asarray(want_mask))
+  # Gradients through an all-hole image stay finite too.
+  grads = jax.grad(lambda v: jnp.sum(layer.apply(v, jnp.asarray(x, jnp.bfloat16), mask)[0]))(variables)
+  assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in jax.tree.leaves(grads))
+
+
+def test_no_gradient_through_mask_path():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 2)), jnp.float32)
+  mask = jnp.asarray(rng.random((1, 8, 8, 2)) > 0.3, jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 3)), jnp.float32)
+
+  def f(m):
+    out, new_mask = layers.partial_conv(x, m, kernel, None, padding=1, multi_channel=True)
+    return jnp.sum(out) + jnp.sum(new_mask)
+
+  assert np.all(np.asarray(jax.grad(f)(mask)) == 0)
+
+
+def test_module_parameters_and_output_shapes():
+  x = jnp.zeros((3, 20, 24, 5))
+  layer = layers.PartialConv(7, (5, 3), strides=2, padding=((2, 2), (1, 1)), multi_channel=True)
+  variables = layer.init(jax.random.key(0), x)
+  assert variables["params"]["kernel"].shape == (5, 3, 5, 7)
+  assert variables["params"]["bias"].shape == (7,)
+  out, mask = layer.apply(variables, x)
+  assert out.shape == (3, 10, 12, 7) and mask.shape == (3, 10, 12, 1)
+  no_bias = layers.PartialConv(7, 3, use_bias=False).init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
+  assert set(no_bias["params"]) == {"kernel"}
+
+
+@pytest.mark.parametrize("mask_shape,multi,match", [
+    ((1, 8, 8, 3), False, "multi_channel=True"),
+    ((1, 8, 7, 1), True, "height and width"),
+    ((2, 8, 8, 2), True, "1 or 3 channels"),
+    ((3, 8, 8, 1), True, "batch 1 or 2"),
+])
+def test_bad_mask_shapes_are_explained(mask_shape, multi, match):
+  x = jnp.zeros((2, 8, 8, 3))
+  with pytest.raises(ValueError, match=match):
+    layers.partial_conv(x, jnp.ones(mask_shape), jnp.ones((3, 3, 3, 4)), None, padding=1, multi_channel=multi)
+
+
+@pytest.mark.parametrize("padding", ["FULL", (1, 2, 3), ((1, 2), (3,))])
+def test_bad_padding_is_explained(padding):
+  with pytest.raises(ValueError, match="padding must be"):
+    layers.normalize_padding(padding)
