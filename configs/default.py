@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.random_flip = True
   config.data.worker_count = 0  # grain worker processes per host; 0 decodes in the main process.
   config.data.worker_buffer_size = 2  # Batches each worker (or the main process) prepares ahead.
-  config.data.read_threads = 1  # Threads per process decoding a batch's images (PIL releases the GIL).
+  config.data.read_threads = 1  # Threads per process preparing batches ahead; 0: on demand, in order.
   config.data.masks = ml_collections.ConfigDict()
   config.data.masks.source = "procedural"  # "procedural" | "nvidia"
   config.data.masks.dir = ml_collections.config_dict.placeholder(str)  # NVIDIA Irregular Mask Dataset.
@@ -62,5 +62,43 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.batch_size = 6
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
+
+  # Two stages in one run (steps count from the start of the run). "initial": every BatchNorm trains.
+  # "finetune": the encoder's BatchNorm statistics and scale/bias are frozen, the learning rate drops.
+  config.stages = ml_collections.ConfigDict()
+  config.stages.initial_steps = 1_000_000
+  config.stages.initial_lr = 2e-4
+  config.stages.finetune_steps = 500_000
+  config.stages.finetune_lr = 5e-5
+  # A checkpoint directory of a finished initial stage: a new run then starts directly in "finetune".
+  config.stages.finetune_from = ml_collections.config_dict.placeholder(str)
+
+  # Device mesh: one data-parallel axis; -1 takes every device of every host.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+
+  config.train = ml_collections.ConfigDict()
+  config.train.log_every_steps = 100
+  config.train.sample_every_steps = 5_000  # Sample grids (PNG and TensorBoard).
+  config.train.num_samples = 4
+  config.train.nonfinite = "stop"  # A non-finite loss: "stop" with an error, or "skip" the update.
+  config.train.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 5_000
+  config.checkpoint.max_to_keep = 3
+
+  # Evaluation (pconv_jax.evaluate): the paper's per-bin table for the newest checkpoint, with baselines. Masks come
+  # from config.data.masks (procedural sets with and without border constraint, or test_dir, e.g. NVIDIA's).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.at_end = True  # Evaluate when a training run finishes.
+  config.eval.step = ml_collections.config_dict.placeholder(int)  # None: the newest readable checkpoint.
+  config.eval.num_images = 1000  # Evenly spaced over the eval split; None: all of it.
+  config.eval.masks_per_bin = 1000  # Per bin and mask set; a bin evaluates max(num_images, masks) pairs.
+  config.eval.batch_size = 64  # Global; rounded up to a multiple of the device count.
+  config.eval.seed = 0  # Of the procedural evaluation masks (independent of the training seed).
+  config.eval.baselines = ("telea", "navier_stokes", "mean_fill")  # Rows besides the model's; () for none.
+  config.eval.inception = True  # IScore and FID columns (need Inception-v3 weights; n/a without them).
+  config.eval.inception_weights = ml_collections.config_dict.placeholder(str)  # None: look in the cache.
 
   return config

@@ -1,0 +1,356 @@
+"""Training: the sharded train state and step, the paper's two stages, and the loop.
+
+Stage "initial" trains everything. Stage "finetune" (from `config.stages.initial_steps` on, or from the start
+when `config.stages.finetune_from` names a stage-1 checkpoint) freezes the encoder's BatchNorm: its statistics
+are used as running averages and passed through unchanged, its scale/bias get zero updates (optax), and the
+learning rate drops. The optimizer state starts afresh at the stage change.
+"""
+
+import functools
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from pconv_jax import checkpoints, evaluate, input_pipeline, losses, masks, models, parallel, vgg
+from pconv_jax.metric_writer import MetricWriter
+
+INITIAL, FINETUNE = "initial", "finetune"
+
+
+class ConfigError(ValueError):
+  """The configuration cannot work; the message says which field and what to use."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def stage_at(step: int, stages: ml_collections.ConfigDict) -> str:
+  return INITIAL if step < stages.initial_steps else FINETUNE
+
+
+def is_encoder_bn(path: tuple[str, ...]) -> bool:
+  return path[0] == "encoder" and "bn" in path
+
+
+def create_optimizer(stage: str, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam at the stage's learning rate; in "finetune" the encoder's BatchNorm scale/bias get zero updates."""
+  lr = config.stages.initial_lr if stage == INITIAL else config.stages.finetune_lr
+  adam = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+  if stage == INITIAL:
+    return adam
+
+  def labels(params):
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({k: "frozen" if is_encoder_bn(k) else "train" for k in flat})
+
+  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
+def _dummy_inputs(model: models.PUNet, image_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  return (jax.ShapeDtypeStruct((1, image_size, image_size, model.out_channels), jnp.float32),
+          jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32))
+
+
+def create_train_state(model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                       image_size: int, seed: int, variables: Mapping[str, Any] | None = None) -> TrainState:
+  """A new state born replicated on `mesh`: fresh variables from `seed`, or the given `variables`."""
+  images, masks_ = (jnp.zeros(s.shape, s.dtype) for s in _dummy_inputs(model, image_size))
+
+  def init(rng, variables):
+    if variables is None:
+      variables = model.init(rng, images, masks_)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(seed), variables)
+
+
+def abstract_train_state(model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                         image_size: int) -> TrainState:
+  """Shapes, dtypes and shardings of the train state, computed without allocating it."""
+  def init(rng):
+    variables = model.init(rng, *(jnp.zeros(s.shape, s.dtype) for s in _dummy_inputs(model, image_size)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+  shapes = jax.eval_shape(init, jax.random.key(0))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], vgg_variables: Any, *, model: models.PUNet,
+               tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
+               frozen_encoder_bn: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on the paper's loss. A non-finite loss or gradient leaves the state unchanged (but counted)."""
+  images, masks_ = batch["image"], batch["mask"]
+
+  def loss_fn(params):
+    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, masks_,
+                                   train=True, mutable=["batch_stats"])
+    total, terms = losses.inpainting_loss(outputs, images, masks_, vgg_variables, loss_weights)
+    return total, (terms, updates["batch_stats"])
+
+  (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if frozen_encoder_bn:  # Pass the encoder's statistics through untouched; only the decoder's update.
+    batch_stats = {**batch_stats, "encoder": state.batch_stats["encoder"]}
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  new = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                      opt_state=opt_state)
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+  metrics = {"loss": total, **terms, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
+  return new.replace(step=state.step + 1), metrics
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for configurations that cannot train, before anything is compiled."""
+  multiple = 2 ** config.model.depth
+  if config.data.image_size % multiple:
+    raise ConfigError(
+        f"config.data.image_size={config.data.image_size} is not a multiple of 2**depth={multiple} "
+        f"(config.model.depth={config.model.depth}): use {multiple}, {2 * multiple}, ... or change the depth.")
+  if config.optim.batch_size <= 0:
+    raise ConfigError(f"config.optim.batch_size must be positive, got {config.optim.batch_size}.")
+  if min(config.stages.initial_steps, config.stages.finetune_steps) < 0 or \
+      config.stages.initial_steps + config.stages.finetune_steps == 0:
+    raise ConfigError("config.stages.initial_steps and finetune_steps must be >= 0 and not both 0.")
+  if min(config.stages.initial_lr, config.stages.finetune_lr) <= 0:
+    raise ConfigError("config.stages.initial_lr and finetune_lr must be positive.")
+  if config.train.nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}.")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    raise ConfigError(f"config.model.dtype must be float32, bfloat16 or float16, got {config.model.dtype!r}.")
+  for name in ("log_every_steps", "sample_every_steps"):
+    if config.train[name] <= 0:
+      raise ConfigError(f"config.train.{name} must be positive.")
+  if config.checkpoint.every_steps <= 0 or config.checkpoint.max_to_keep <= 0:
+    raise ConfigError("config.checkpoint.every_steps and max_to_keep must be positive.")
+
+
+class PreemptionWatcher:
+  """True at the step where every process should save and stop (SIGTERM, e.g. a TPU preemption)."""
+
+  def __init__(self):
+    self._signalled = threading.Event()
+    if jax.process_count() == 1:  # Multi-process runs use JAX's coordination service, which traps SIGTERM.
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled.is_set()
+
+  def close(self) -> None:
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def sample_grid(images: np.ndarray, masks_: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+  """Rows of [masked input (holes white), output, composite, ground truth], HWC uint8."""
+  comp = masks_ * images + (1 - masks_) * outputs
+  masked = masks_ * images + (1 - masks_)
+  rows = [np.concatenate(row, axis=1) for row in zip(masked, outputs, comp, images)]
+  return np.round((np.concatenate(rows, axis=0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+class _Samples:
+  """Fixed evaluation images and masks, inpainted with the current model for visual progress."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    size = config.data.image_size
+    available = len(input_pipeline.create_image_source(config.data, train=False))
+    self.images = input_pipeline.load_eval_images(config.data, min(config.train.num_samples, available))
+    self.masks = np.stack([masks.random_mask(np.random.default_rng([config.seed, 7, i]), size, 0.1, 0.5)
+                           for i in range(len(self.images))]).astype(np.float32)
+    self._sharding = parallel.replicated(mesh)
+
+  def write(self, model: models.PUNet, state: TrainState, writer: MetricWriter, directory: epath.Path,
+            step: int) -> None:
+    global_ = lambda a: jax.make_array_from_process_local_data(self._sharding, a)  # noqa: E731
+    predict = jax.jit(functools.partial(model.apply, train=False), out_shardings=self._sharding)
+    outputs = predict({"params": state.params, "batch_stats": state.batch_stats},
+                      global_(self.images), global_(self.masks))
+    grid = sample_grid(self.images, self.masks, np.asarray(outputs.addressable_data(0)))
+    if jax.process_index() == 0:
+      directory.mkdir(parents=True, exist_ok=True)
+      with (directory / f"step_{step:08d}.png").open("wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
+      writer.write_images(step, {"samples/input_output_composite_truth": grid})
+
+
+def _log_parameter_overview(params: Any) -> None:
+  for side in sorted(params):
+    count = sum(x.size for x in jax.tree.leaves(params[side]))
+    logging.info("Parameters in %s: %s", side, f"{count:,}")
+  logging.info("Parameters in total: %s", f"{sum(x.size for x in jax.tree.leaves(params)):,}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> TrainState:
+  """Trains (resuming from `workdir/checkpoints` when it has any), evaluates the final checkpoint if
+  `config.eval.at_end`, and returns the final state.
+
+  `workdir` may be local or on an object store (gs://...: then install gcsfs and google-cloud-storage)."""
+  workdir = epath.Path(workdir)
+  validate_config(config)
+  if config.train.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
+  try:
+    mesh = parallel.create_mesh(config.mesh.data)
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
+  if config.optim.batch_size % mesh.size:
+    raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} (the global batch) is not divisible "
+                      f"by the {mesh.size} data-parallel devices: use a multiple of {mesh.size}.")
+  stages = config.stages
+  total_steps = stages.initial_steps + stages.finetune_steps
+  model = models.create_model(config.model)
+  vgg_variables = vgg.resolve_weights(config.loss.vgg_weights, required=config.loss.require_vgg)
+  if vgg_variables is not None:
+    vgg_variables = jax.device_put(vgg_variables, parallel.replicated(mesh))
+  data_iter = input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
+                                               seed=config.seed)
+  samples = _Samples(config, mesh)
+  manager = checkpoints.train_manager(workdir / "checkpoints", config.checkpoint.max_to_keep)
+
+  def abstract(stage: str) -> TrainState:
+    return abstract_train_state(model, create_optimizer(stage, config), mesh, config.data.image_size)
+
+  restored = checkpoints.restore_train_state(manager, lambda meta: abstract(meta["stage"]), data_iter)
+  if restored is not None:
+    state, meta = restored
+    state_stage = meta["stage"]
+    logging.info("Resumed from %s at step %d (stage %s).", manager.directory, meta["step"], state_stage)
+  elif stages.finetune_from:
+    _, variables, _ = checkpoints.load_model(stages.finetune_from)
+    state_stage = FINETUNE
+    state = create_train_state(model, create_optimizer(FINETUNE, config), mesh, config.data.image_size,
+                               config.seed, variables).replace(step=jnp.asarray(stages.initial_steps, jnp.int32))
+    data_iter.seek(stages.initial_steps)
+    logging.info("Starting the finetune stage from %s.", stages.finetune_from)
+  else:
+    state_stage = stage_at(0, stages)
+    state = create_train_state(model, create_optimizer(state_stage, config), mesh, config.data.image_size,
+                               config.seed)
+  _log_parameter_overview(state.params)
+  writer = MetricWriter(workdir / "logs", start_step=int(state.step), enabled=jax.process_index() == 0)
+  writer.write_hparams(config.to_dict() | {"vgg_losses": vgg_variables is not None})
+
+  step = int(state.step)
+  compiled, compiled_stage = None, None
+  preemption = PreemptionWatcher()
+  pending: list[dict[str, jax.Array]] = []
+  last_log = (time.perf_counter(), step)
+  try:
+    while step < total_steps:
+      stage = stage_at(step, stages)
+      if stage != state_stage:  # initial -> finetune within the run: a fresh optimizer at the lower rate.
+        tx = create_optimizer(stage, config)
+        state = state.replace(opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(state.params))
+        state_stage = stage
+        logging.info("Step %d: entering the finetune stage (encoder BatchNorm frozen, lr %g).",
+                     step, stages.finetune_lr)
+      batch = input_pipeline.make_global_batch(next(data_iter), mesh)
+      if compiled_stage != stage:
+        compiled = _compile_step(stage, config, model, mesh, state, batch, vgg_variables)
+        compiled_stage = stage
+        last_log = (time.perf_counter(), step)  # Step times exclude compilation.
+      state, metrics = compiled(state, batch, vgg_variables)
+      step += 1
+      pending.append(metrics)
+
+      if step % config.train.log_every_steps == 0 or step == total_steps:
+        last_log = _log_metrics(pending, writer, step, total_steps, last_log, config, stage)
+        pending = []
+      if step % config.train.sample_every_steps == 0 or step == total_steps:
+        samples.write(model, state, writer, workdir / "samples", step)
+      preempted = preemption.reached(step)
+      if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
+        apply_nonfinite_policy(pending, step, config.train.nonfinite)
+        meta = {"step": step, "stage": stage, "model": config.model.to_dict(), "config": config.to_dict(),
+                "vgg_losses": vgg_variables is not None}
+        checkpoints.save_train_state(manager, step, state, data_iter, meta)
+      if preempted:
+        logging.warning("Preemption signal: saved step %d; exiting. Rerun the same command to resume.", step)
+        break
+    manager.wait_until_finished()
+  finally:
+    preemption.close()
+    data_iter.close()
+    writer.close()
+    manager.close()
+  if step == total_steps and config.eval.at_end:
+    evaluate.evaluate(config, workdir)
+  return state
+
+
+def make_train_step(stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh):
+  """The stage's train step, jitted with the state replicated, the batch split over `data` and the old state
+  donated. Called as `step(state, batch, vgg_variables) -> (state, metrics)`."""
+  frozen = stage == FINETUNE
+  step_fn = functools.partial(
+      train_step, model=model.clone(freeze_encoder_bn=frozen), tx=create_optimizer(stage, config),
+      loss_weights={name: float(config.loss[name]) for name in losses.TERMS}, frozen_encoder_bn=frozen)
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def _compile_step(stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh,
+                  state: TrainState, batch: Mapping[str, jax.Array], vgg_variables: Any):
+  start = time.perf_counter()
+  compiled = make_train_step(stage, config, model, mesh).lower(state, batch, vgg_variables).compile()
+  logging.info("Compiled the %s train step in %.1f s.", stage, time.perf_counter() - start)
+  return compiled
+
+
+def apply_nonfinite_policy(pending: list[dict[str, jax.Array]], step: int, policy: str) -> None:
+  """Applies config.train.nonfinite ("stop" or "skip") to the metrics of the steps up to `step` not yet checked.
+
+  The train step already left the state unchanged at those steps, so no checkpoint ever holds a non-finite state.
+  """
+  bad = [i for i, m in enumerate(jax.device_get([m["nonfinite"] for m in pending])) if m]
+  if not bad:
+    return
+  first = step - len(pending) + bad[0] + 1
+  if policy == "stop":
+    raise FloatingPointError(
+        f"Non-finite loss or gradient at step {first} ({len(bad)} such step(s) up to step {step}); those updates "
+        f"were not applied and the checkpoints hold finite states. Lower the learning rate or check the data; "
+        f"config.train.nonfinite='skip' skips such steps instead.")
+  logging.warning("Skipped %d non-finite update(s) between steps %d and %d.", len(bad), first, step)
+
+
+def _log_metrics(pending: list[dict[str, jax.Array]], writer: MetricWriter, step: int, total_steps: int,
+                 last_log: tuple[float, int], config: ml_collections.ConfigDict, stage: str) -> tuple[float, int]:
+  apply_nonfinite_policy(pending, step, config.train.nonfinite)
+  values = jax.device_get(pending)
+  now = time.perf_counter()
+  seconds, steps = now - last_log[0], step - last_log[1]
+  scalars = {f"train_{k}": float(np.mean([v[k] for v in values])) for k in values[0] if k != "nonfinite"}
+  scalars |= {"train_step_seconds": seconds / steps, "train_images_per_second": steps * config.optim.batch_size
+              / seconds, "train_learning_rate": config.stages.initial_lr if stage == INITIAL
+              else config.stages.finetune_lr}
+  writer.write_scalars(step, scalars)
+  eta = (total_steps - step) * seconds / steps
+  logging.info("Step %d/%d (%s) %.1f%%, %.3f s/step, ETA %s", step, total_steps, stage,
+               100 * step / total_steps, seconds / steps, time.strftime("%H:%M:%S", time.gmtime(eta)))
+  return now, step

@@ -1,0 +1,259 @@
+"""Training: a two-stage run, sharding parity, the frozen encoder, non-finite steps, resume and bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny_config
+from pconv_jax import checkpoints, input_pipeline, metric_writer, models, parallel, train, vgg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(workdir: Path) -> dict[int, dict]:
+  return {step: m for step, m in metric_writer.read_metrics(workdir / "logs").items() if "train_loss" in m}
+
+
+def final_params(workdir: Path) -> dict:
+  _, variables, meta = checkpoints.load_model(workdir / "checkpoints")
+  return {"meta_step": meta["step"], **flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")}
+
+
+def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
+  config = tiny_config.get_config()
+  config.eval.update(at_end=True, num_images=None, masks_per_bin=1, baselines=("mean_fill",), inception=False)
+  state = train.train_and_evaluate(config, tmp_path)
+  assert int(state.step) == 6
+  metrics = read_metrics(tmp_path)
+  assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(m["train_loss"]) for m in metrics.values())
+  assert metrics[3]["train_learning_rate"] == 2e-4 and metrics[4]["train_learning_rate"] == 5e-5
+  assert metrics[1]["train_perceptual"] == 0.0  # No VGG weights in the test cache: the term is off.
+  _, _, meta = checkpoints.load_model(tmp_path / "checkpoints")
+  assert meta["step"] == 6 and meta["stage"] == "finetune" and meta["vgg_losses"] is False
+  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000003.png", "step_00000006.png"]
+  assert json.loads((tmp_path / "logs" / "hparams.json").read_text())["optim"]["batch_size"] == 8
+  assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+  table = (tmp_path / "eval" / "step_6" / "results.md").read_text()
+  assert "| Mean colour |" in table and "| PConv (this model) |" in table
+  assert "without the perceptual and style losses" in table
+
+
+def make_state_and_batches(config, mesh, num_batches):
+  model = models.create_model(config.model)
+  state = train.create_train_state(model, train.create_optimizer("initial", config), mesh,
+                                   config.data.image_size, config.seed)
+  with input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
+                                        seed=config.seed) as data:
+    batches = [next(data) for _ in range(num_batches)]
+  return model, state, batches
+
+
+def test_eight_devices_match_one_device():
+  config = tiny_config.get_config()
+  losses = {}
+  for devices in (1, 8):
+    mesh = parallel.create_mesh(devices)
+    model, state, batches = make_state_and_batches(config, mesh, 3)
+    step = train.make_train_step("initial", config, model, mesh)
+    losses[devices] = []
+    for batch in batches:
+      state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh), None)
+      losses[devices].append(float(metrics["loss"]))
+    assert len(state.params["encoder"]["block_1"]["conv"]["kernel"].sharding.device_set) == devices
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+  assert losses[1][0] != losses[1][2]
+
+
+def test_finetune_step_freezes_encoder_batchnorm_only():
+  config = tiny_config.get_config()
+  mesh = parallel.create_mesh()
+  model, state, batches = make_state_and_batches(config, mesh, 2)
+  initial = train.make_train_step("initial", config, model, mesh)
+  state, _ = initial(state, input_pipeline.make_global_batch(batches[0], mesh), None)
+  tx = train.create_optimizer("finetune", config)
+  state = state.replace(opt_state=tx.init(state.params))
+  before = jax.device_get(state)
+  finetune = train.make_train_step("finetune", config, model, mesh)
+  after = jax.device_get(finetune(state, input_pipeline.make_global_batch(batches[1], mesh), None)[0])
+
+  jax.tree.map(np.testing.assert_array_equal, before.batch_stats["encoder"], after.batch_stats["encoder"])
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before.batch_stats["decoder"],
+                         after.batch_stats["decoder"])
+  assert all(jax.tree.leaves(changed))
+  flat_before = flax.traverse_util.flatten_dict(before.params)
+  flat_after = flax.traverse_util.flatten_dict(after.params)
+  for path, value in flat_before.items():
+    if train.is_encoder_bn(path):
+      np.testing.assert_array_equal(value, flat_after[path], err_msg=str(path))
+    else:
+      assert np.any(value != flat_after[path]), path
+  assert any(train.is_encoder_bn(path) for path in flat_before)
+
+
+def test_nonfinite_update_is_not_applied_and_policy_is_applied():
+  config = tiny_config.get_config()
+  mesh = parallel.create_mesh()
+  model, state, batches = make_state_and_batches(config, mesh, 1)
+  bad = dict(batches[0], image=np.full_like(batches[0]["image"], np.nan))
+  before = jax.device_get(state)
+  step = train.make_train_step("initial", config, model, mesh)
+  after, metrics = step(state, input_pipeline.make_global_batch(bad, mesh), None)
+  assert int(metrics["nonfinite"]) == 1 and int(after.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(after.params))
+  jax.tree.map(np.testing.assert_array_equal, before.opt_state, jax.device_get(after.opt_state))
+
+  pending = [{"nonfinite": jnp.int32(0)}, metrics]
+  with pytest.raises(FloatingPointError, match="at step 10 .*nonfinite='skip'"):
+    train.apply_nonfinite_policy(pending, 10, "stop")
+  train.apply_nonfinite_policy(pending, 10, "skip")  # Logs and goes on.
+
+
+@pytest.mark.parametrize("override,match", [
+    (("data", "image_size", 36), "image_size=36 is not a multiple of 2\\*\\*depth=8"),
+    (("optim", "batch_size", 6), "batch_size=6 .* not divisible by the 8 data-parallel devices"),
+    (("train", "nonfinite", "ignore"), "'stop' or 'skip'"),
+    (("mesh", "data", 16), "config.mesh.data=16"),
+])
+def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
+  config = tiny_config.get_config()
+  section, name, value = override
+  config[section][name] = value
+  with pytest.raises(train.ConfigError, match=match):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_dataset_and_missing_vgg_weights_are_explained(tmp_path):
+  config = tiny_config.get_config()
+  config.data.source = "imagenet"
+  with pytest.raises(ValueError, match="config.data.source"):
+    train.train_and_evaluate(config, tmp_path)
+  config = tiny_config.get_config()
+  config.loss.require_vgg = True
+  with pytest.raises(vgg.VGGWeightsError, match="python -m pconv_jax.vgg fetch"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  config = tiny_config.get_config()
+  config.stages.finetune_steps = 0
+  train.train_and_evaluate(config, tmp_path)
+  for path in (tmp_path / "checkpoints" / "3" / "model").rglob("*"):
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # Truncate every file.
+  config.stages.finetune_steps = 1
+  state = train.train_and_evaluate(config, tmp_path)
+  assert "step 3" in caplog.text and "unreadable" in caplog.text
+  assert int(state.step) == 4
+  assert [p.name.split("-")[0] for p in (tmp_path / "corrupt_checkpoints").iterdir()] == ["3"]
+  assert sorted(read_metrics(tmp_path)) == [1, 2, 3, 4]
+
+  # A deleted latest step resumes from the one before.
+  import shutil
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  config.stages.finetune_steps = 2
+  assert int(train.train_and_evaluate(config, tmp_path).step) == 5
+
+
+def run_main(workdir, *args, env=None, **popen):
+  command = [sys.executable, "-m", "pconv_jax.main", "--config", str(ROOT / "tests" / "tiny_config.py"),
+             "--workdir", str(workdir), *args]
+  return subprocess.Popen(command, cwd=ROOT, env=env or os.environ.copy(), stderr=subprocess.PIPE, text=True,
+                          **popen)
+
+
+def wait_for_log(process, text):
+  lines = []
+  for line in process.stderr:
+    lines.append(line)
+    if text in line:
+      return lines
+  raise AssertionError(f"{text!r} never logged:\n{''.join(lines)}")
+
+
+STEPS = ("--config.stages.initial_steps=8", "--config.stages.finetune_steps=8")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  assert run_main(straight, *STEPS).wait() == 0
+  process = run_main(killed, *STEPS)
+  wait_for_log(process, "Step 4/16")
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  assert max(read_metrics(killed)) < 16
+  resumed = run_main(killed, *STEPS)
+  assert "Resumed from" in resumed.communicate()[1] and resumed.returncode == 0
+
+  want, got = final_params(straight), final_params(killed)
+  assert got["meta_step"] == 16
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  want_metrics, got_metrics = read_metrics(straight), read_metrics(killed)
+  for step in range(1, 17):
+    assert got_metrics[step]["train_loss"] == want_metrics[step]["train_loss"], step
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path):
+  process = run_main(tmp_path, *STEPS)
+  wait_for_log(process, "Step 3/16")
+  process.send_signal(signal.SIGTERM)
+  _, rest = process.communicate()
+  assert process.returncode == 0, rest
+  assert "Preemption signal: saved step" in rest
+  saved = int(rest.split("Preemption signal: saved step ")[1].split(";")[0])
+  assert saved < 16 and (tmp_path / "checkpoints" / str(saved)).is_dir()
+  resumed = run_main(tmp_path, *STEPS)
+  assert f"at step {saved}" in resumed.communicate()[1] and resumed.returncode == 0
+  assert final_params(tmp_path)["meta_step"] == 16
+
+
+def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  steps = ("--config.stages.initial_steps=2", "--config.stages.finetune_steps=1")
+  single = run_main(tmp_path / "single", *steps, "--num_cpu_devices=4", env=env)
+  assert single.wait() == 0, single.stderr.read()
+
+  port = _free_port()
+  processes = [run_main(tmp_path / "multi", *steps, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+                        "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
+  outputs = [p.communicate()[1] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  assert "process 1 of 2, 2 local / 4 global devices" in outputs[1]
+
+  want, got = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+  assert sorted(got) == [1, 2, 3]
+  for step in got:
+    np.testing.assert_allclose(got[step]["train_loss"], want[step]["train_loss"], rtol=1e-5)
+
+  more = run_main(tmp_path / "multi", "--config.stages.initial_steps=2", "--config.stages.finetune_steps=2",
+                  "--num_cpu_devices=4", env=env)
+  log = more.communicate()[1]
+  assert more.returncode == 0, log[-3000:]
+  assert "Resumed from" in log and "continuing the input pipeline at step 3" in log
+  assert final_params(tmp_path / "multi")["meta_step"] == 4
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+  process = run_main(tmp_path, "--config.data.image_size=36")
+  _, log = process.communicate()
+  assert process.returncode == 1
+  assert "error: config.data.image_size=36 is not a multiple of 2**depth=8" in log and "Traceback" not in log
