@@ -1,0 +1,290 @@
+"""Inpaint your own images with a trained checkpoint: a small Python API and a command-line tool.
+
+    python -m pconv_jax.inpaint --checkpoint WORKDIR_OR_CHECKPOINT_DIR --image photo.jpg --mask mask.png \
+        --output out.png [--mask_polarity white_hole|black_hole]
+    python -m pconv_jax.inpaint --checkpoint DIR --image photos/ --mask masks/ --output results/
+
+In Python (load once, inpaint many):
+
+    inpainter = Inpainter.from_checkpoint("workdir")
+    result = inpainter(image, hole)              # image (H, W, 3) uint8 or float on [0, 1]; hole (H, W) bool
+    results = inpainter.inpaint_many(images, holes)
+
+Any size: the image is padded at the bottom and right to the next multiple of the network's size multiple
+(2**depth), the padding is marked as hole, and the result is cropped back. A partial-convolution network never
+reads image values under a hole, so the values under the padding do not matter (zeros are used). The known
+pixels of the result are the input's, bit for bit; with a lossy output format (JPEG) they are re-encoded.
+
+Mask files: white = hole (NVIDIA's convention) by default, `--mask_polarity black_hole` for the opposite. A mask
+is read as 8-bit greyscale (colour by ITU-R 601 luma, alpha ignored) and thresholded: grey >= 128 is white. A mask
+with other grey values than 0 and 255 (e.g. saved as JPEG) is thresholded with a warning. Folder mode pairs
+`photos/NAME.*` with `masks/NAME.*` and writes `results/NAME.png`; images of equal padded size are batched.
+"""
+
+import argparse
+import dataclasses
+import functools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pconv_jax import checkpoints, models
+
+POLARITIES = ("white_hole", "black_hole")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MASK_THRESHOLD = 128
+
+
+class InpaintError(ValueError):
+  """An input cannot be inpainted; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Inpainter:
+  """A loaded network that inpaints arrays of any size. Build it with `from_checkpoint`."""
+  model: models.PUNet
+  variables: Any
+  batch_size: int = 4
+
+  @classmethod
+  def from_checkpoint(cls, path: str | Path, step: int | None = None, batch_size: int = 4) -> "Inpainter":
+    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable step by default)."""
+    path = Path(path).expanduser()
+    if (path / "checkpoints").is_dir():
+      path = path / "checkpoints"
+    model, variables, _ = checkpoints.load_model(path, step)
+    return cls(model, variables, batch_size)
+
+  @functools.cached_property
+  def _apply(self):
+    return jax.jit(functools.partial(self.model.apply, train=False))
+
+  def __call__(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Inpaints one image: (H, W, 3) uint8, or float on [0, 1]; `hole` (H, W) or (H, W, 1), true/1 = inpaint.
+
+    Returns an array like `image` (same shape and dtype) whose pixels outside the hole are `image`'s.
+    """
+    return self.inpaint_many([image], [hole])[0]
+
+  def inpaint_many(self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Inpaints many images (sizes may differ): those of equal padded size run together, `batch_size` at a time."""
+    if len(images) != len(holes):
+      raise InpaintError(f"Got {len(images)} images but {len(holes)} hole masks.")
+    checked = [_check(image, hole, f"image {i}") for i, (image, hole) in enumerate(zip(images, holes))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (image, _) in enumerate(checked):
+      groups.setdefault(self._padded_size(image.shape[:2]), []).append(i)
+    results: list[np.ndarray | None] = [None] * len(images)
+    for size, indices in groups.items():
+      for start in range(0, len(indices), self.batch_size):
+        chunk = indices[start:start + self.batch_size]
+        outputs = self._predict([checked[i][0] for i in chunk], [checked[i][1] for i in chunk], size)
+        for i, output in zip(chunk, outputs):
+          results[i] = _merge(images[i], checked[i][1], output)
+    return results
+
+  def _padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
+    m = self.model.size_multiple
+    return (-(-size[0] // m) * m, -(-size[1] // m) * m)
+
+  def _predict(self, images: list[np.ndarray], holes: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    """Network outputs on [-1, 1], each cropped to its image's size. The batch is padded to `batch_size` so that
+    every batch of one size reuses one compilation."""
+    batch = np.zeros((self.batch_size, *size, 3), np.float32)
+    valid = np.zeros((self.batch_size, *size, 1), np.float32)  # Padding rows and columns are holes.
+    for k, (image, hole) in enumerate(zip(images, holes)):
+      h, w = hole.shape
+      batch[k, :h, :w] = image * 2.0 - 1.0
+      valid[k, :h, :w, 0] = ~hole
+    outputs = np.asarray(self._apply(self.variables, jnp.asarray(batch), jnp.asarray(valid)))
+    return [outputs[k, :hole.shape[0], :hole.shape[1]] for k, hole in enumerate(holes)]
+
+
+def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+  """(image as float32 on [0, 1], hole as bool (H, W)); raises InpaintError for unusable inputs."""
+  image, hole = np.asarray(image), np.asarray(hole)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise InpaintError(f"{name}: expected an RGB image of shape (H, W, 3), got {image.shape}.")
+  if hole.ndim == 3 and hole.shape[-1] == 1:
+    hole = hole[..., 0]
+  if hole.ndim != 2:
+    raise InpaintError(f"{name}: expected a mask of shape (H, W) or (H, W, 1), got {hole.shape}.")
+  if hole.shape != image.shape[:2]:
+    raise InpaintError(f"{name}: the image is {image.shape[1]}x{image.shape[0]} pixels but the mask is "
+                       f"{hole.shape[1]}x{hole.shape[0]}: the mask must have the image's size.")
+  hole = hole.astype(bool)
+  if not hole.any():
+    raise InpaintError(f"{name}: the mask has no hole, so there is nothing to inpaint.")
+  if hole.all():
+    raise InpaintError(f"{name}: the mask is all hole, so no known pixel is left to inpaint from.")
+  if image.dtype == np.uint8:
+    return image.astype(np.float32) / 255.0, hole
+  if not np.issubdtype(image.dtype, np.floating):
+    raise InpaintError(f"{name}: expected uint8 or float pixels, got {image.dtype}.")
+  if not (np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0):
+    raise InpaintError(f"{name}: float images must lie on [0, 1]; got values in [{image.min()}, {image.max()}].")
+  return image.astype(np.float32), hole
+
+
+def _merge(image: np.ndarray, hole: np.ndarray, output: np.ndarray) -> np.ndarray:
+  """The output (on [-1, 1]) in the hole, `image` itself elsewhere, in `image`'s dtype and range."""
+  unit = (output + 1.0) / 2.0
+  filled = (np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8) if image.dtype == np.uint8
+            else np.clip(unit, 0.0, 1.0).astype(image.dtype))
+  return np.where(hole[..., None], filled, image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files.
+
+
+def read_image(path: Path) -> np.ndarray:
+  """An image file as uint8 RGB (H, W, 3), EXIF orientation applied, alpha dropped."""
+  try:
+    with Image.open(path) as image:
+      image.load()
+      image = ImageOps.exif_transpose(image)
+      if image.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits.
+        image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).astype(np.uint8))
+      return np.asarray(image.convert("RGB"))
+  except FileNotFoundError as e:
+    raise InpaintError(f"{path}: no such file.") from e
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise InpaintError(f"{path}: cannot read it as an image ({e}).") from e
+
+
+def read_hole_mask(path: Path, polarity: str = "white_hole") -> tuple[np.ndarray, int]:
+  """A mask file as bool (H, W), True = hole, and the number of pixels that were neither black nor white.
+
+  The file is read as 8-bit grey (EXIF orientation applied, as for the image) and thresholded: >= 128 is white.
+  """
+  if polarity not in POLARITIES:
+    raise InpaintError(f"Unknown mask polarity {polarity!r}; use one of {POLARITIES}.")
+  try:
+    with Image.open(path) as mask:
+      mask.load()
+      mask = ImageOps.exif_transpose(mask)
+      if mask.mode.startswith("I"):
+        mask = Image.fromarray(np.clip(np.asarray(mask) / 257, 0, 255).astype(np.uint8))
+      grey = np.asarray(mask.convert("L"))
+  except FileNotFoundError as e:
+    raise InpaintError(f"{path}: no such file.") from e
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise InpaintError(f"{path}: cannot read it as a mask image ({e}).") from e
+  white = grey >= MASK_THRESHOLD
+  grey_pixels = int(np.count_nonzero((grey != 0) & (grey != 255)))
+  return (white if polarity == "white_hole" else ~white), grey_pixels
+
+
+def write_image(image: np.ndarray, path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    Image.fromarray(image).save(path)
+  except (ValueError, OSError) as e:  # PIL: unknown extension, or the file cannot be written.
+    raise InpaintError(f"{path}: cannot write the result there ({e}); use a .png (lossless) path.") from e
+
+
+def _pairs(image_arg: Path, mask_arg: Path, output_arg: Path) -> list[tuple[Path, Path, Path]]:
+  """(image, mask, output) paths: one pair, or every image of a folder with the mask of the same name."""
+  if not image_arg.is_dir():
+    if mask_arg.is_dir() or output_arg.is_dir():
+      raise InpaintError(f"--image {image_arg} is a file, so --mask and --output must be files too.")
+    if output_arg.suffix.lower() not in Image.registered_extensions():
+      raise InpaintError(f"--output {output_arg}: unknown image format {output_arg.suffix!r}; use e.g. a .png path.")
+    return [(image_arg, mask_arg, output_arg)]
+  if not mask_arg.is_dir():
+    raise InpaintError(f"--image {image_arg} is a folder, so --mask must be a folder of masks named like the images; "
+                       f"{mask_arg} is not a folder.")
+  if output_arg.exists() and not output_arg.is_dir():
+    raise InpaintError(f"--image is a folder, so --output must be a folder; {output_arg} is a file.")
+  images = sorted(p for p in image_arg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+  if not images:
+    raise InpaintError(f"{image_arg} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+  masks_by_stem: dict[str, list[Path]] = {}
+  for p in sorted(mask_arg.iterdir()):
+    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+      masks_by_stem.setdefault(p.stem, []).append(p)
+  pairs, problems = [], []
+  for image in images:
+    candidates = masks_by_stem.get(image.stem, [])
+    if len(candidates) != 1:
+      problems.append(f"{image.name}: {'no mask' if not candidates else 'several masks'} named {image.stem}.* in "
+                      f"{mask_arg}")
+    else:
+      pairs.append((image, candidates[0], output_arg / f"{image.stem}.png"))
+  if problems:
+    raise InpaintError("; ".join(problems))
+  return pairs
+
+
+def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[list, list, list[str], list[str]]:
+  """Reads and checks every pair before any inference: (images, holes, warnings, problems)."""
+  images, holes, warnings, problems = [], [], [], []
+  flip = "black_hole" if polarity == "white_hole" else "white_hole"
+  for image_path, mask_path, _ in pairs:
+    try:
+      image = read_image(image_path)
+      hole, grey_pixels = read_hole_mask(mask_path, polarity)
+      if grey_pixels:
+        warnings.append(f"{mask_path}: not a binary mask ({grey_pixels} pixels are neither black nor white); "
+                        f"thresholded at {MASK_THRESHOLD}: lighter pixels count as white.")
+      colour = "white" if polarity == "white_hole" else "black"
+      if hole.shape == image.shape[:2] and not hole.any():
+        raise InpaintError(f"{mask_path}: the mask has no hole (no {colour} pixel with --mask_polarity "
+                           f"{polarity}), so there is nothing to inpaint. If holes are the other colour, pass "
+                           f"--mask_polarity {flip}.")
+      if hole.shape == image.shape[:2] and hole.all():
+        raise InpaintError(f"{mask_path}: the mask is all hole (every pixel {colour} with --mask_polarity "
+                           f"{polarity}), so no known pixel is left. If holes are the other colour, pass "
+                           f"--mask_polarity {flip}.")
+      _check(image, hole, f"{image_path} with mask {mask_path}")
+      images.append(image)
+      holes.append(hole)
+    except InpaintError as e:
+      problems.append(str(e))
+  return images, holes, warnings, problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m pconv_jax.inpaint", description="Inpaint images with a trained PConv checkpoint.",
+      epilog="Masks: white = hole by default (NVIDIA's convention); grey >= 128 counts as white.")
+  parser.add_argument("--checkpoint", required=True, type=Path,
+                      help="a workdir (its checkpoints/ is used) or a checkpoint directory")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
+  parser.add_argument("--image", required=True, type=Path, help="an image file, or a folder of images")
+  parser.add_argument("--mask", required=True, type=Path,
+                      help="a mask file, or a folder of masks named like the images")
+  parser.add_argument("--output", required=True, type=Path,
+                      help="output file (.png keeps known pixels exact), or folder")
+  parser.add_argument("--mask_polarity", choices=POLARITIES, default="white_hole",
+                      help="which colour marks the hole (default: white_hole)")
+  parser.add_argument("--batch_size", type=int, default=4, help="images per network call in folder mode")
+  args = parser.parse_args(argv)
+  try:
+    if args.batch_size < 1:
+      raise InpaintError(f"--batch_size must be positive, got {args.batch_size}.")
+    pairs = _pairs(args.image, args.mask, args.output)
+    images, holes, warnings, problems = _load_pairs(pairs, args.mask_polarity)
+    for warning in warnings:
+      print(f"warning: {warning}", file=sys.stderr)
+    if problems:
+      raise InpaintError("\nerror: ".join(problems))
+    inpainter = Inpainter.from_checkpoint(args.checkpoint, args.step, args.batch_size)
+    for (_, _, output_path), result in zip(pairs, inpainter.inpaint_many(images, holes)):
+      write_image(result, output_path)
+  except (InpaintError, checkpoints.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"Wrote {len(pairs)} images to {args.output}" if args.image.is_dir() else f"Wrote {args.output}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
