@@ -50,7 +50,7 @@ archive=${TMPDIR:-/tmp}/pconv_jax_$name.tar.gz
 run tar -czf "$archive" -C "$(dirname "$0")/.." --exclude=.git --exclude='__pycache__' .
 run gcloud compute tpus tpu-vm scp "$archive" "$name:~/pconv_jax.tar.gz" --zone "$zone" --worker=all
 run "${ssh_all[@]}" --command "mkdir -p ~/pconv_jax && tar -xzf ~/pconv_jax.tar.gz -C ~/pconv_jax && \
-cd ~/pconv_jax && pip install -r requirements.txt 'jax[tpu]==0.10.2' gcsfs && python -m pconv_jax.vgg fetch keras"
+cd ~/pconv_jax && pip install -r requirements-gcs.txt 'jax[tpu]==0.10.2' && python -m pconv_jax.vgg fetch keras"
 
 flags=(--config "$config" --workdir "$workdir")
 [[ -n "$data_dir" ]] && flags+=(--config.data.tfds_data_dir="$data_dir")

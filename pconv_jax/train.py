@@ -208,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   """Trains (resuming from `workdir/checkpoints` when it has any), evaluates the final checkpoint if
   `config.eval.at_end`, and returns the final state.
 
-  `workdir` may be local or on an object store (gs://...: then install gcsfs and google-cloud-storage)."""
+  `workdir` may be local or on an object store (gs://...: then pip install -r requirements-gcs.txt)."""
   workdir = epath.Path(workdir)
   validate_config(config)
   if config.train.compilation_cache_dir:

@@ -22,7 +22,7 @@ def test_tpu_pod_dry_run():
   assert "--accelerator-type" in commands[0] and "v4-32" in commands[0]
   assert commands[1][0] == "tar" and commands[2][4] == "scp" and "--worker=all" in commands[2]
   install, start = commands[3][-1], commands[4][-1]
-  assert "pip install -r requirements.txt 'jax[tpu]==0.10.2'" in install and "pconv_jax.vgg fetch keras" in install
+  assert "pip install -r requirements-gcs.txt 'jax[tpu]==0.10.2'" in install and "pconv_jax.vgg fetch keras" in install
   assert all("--worker=all" in c for c in commands[3:])
   assert ("python -m pconv_jax.main --config configs/places2.py --workdir gs://b/run "
           "--config.data.tfds_data_dir=gs://b/tfds --config.optim.batch_size=96") in start
