@@ -16,14 +16,20 @@ from typing import Any
 import flax
 import jax
 import numpy as np
+from etils import epath
 
 from pconv_jax import checkpoints, models
+from pconv_jax.errors import UserError
 
 _KEY = re.compile(r"^(ec|dc)_images_(\d+)\.(conv|bn)\.(weight|bias|running_mean|running_var)$")
 _IGNORED = re.compile(r"\.num_batches_tracked$")
 _LEAF = {("conv", "weight"): ("params", "kernel"), ("conv", "bias"): ("params", "bias"),
          ("bn", "weight"): ("params", "scale"), ("bn", "bias"): ("params", "bias"),
          ("bn", "running_mean"): ("batch_stats", "mean"), ("bn", "running_var"): ("batch_stats", "var")}
+
+
+class ConversionError(UserError, ValueError):
+  """The weights are not a PConv U-Net state dict, or the file cannot be read."""
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -45,7 +51,7 @@ def torch_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
              if (m := _KEY.match(key)) and m.group(1) == "ec" and m.group(3) == "conv" and m.group(4) == "weight"}
   depth = len(encoder)
   if depth == 0 or sorted(encoder) != list(range(1, depth + 1)):
-    raise ValueError(
+    raise ConversionError(
         "Not a PConv U-Net state dict: expected keys ec_images_1.conv.weight ... ec_images_N.conv.weight, "
         f"found encoder levels {sorted(encoder)} among keys {sorted(arrays)[:8]}...")
   return {"depth": depth,
@@ -57,7 +63,7 @@ def torch_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def from_torch_punet(state_dict: Mapping[str, Any], dtype: Any = np.float32) -> dict[str, Any]:
   """Flax variables {'params', 'batch_stats'} for `PUNet` from a PyTorch PConv U-Net state dict.
 
-  Values may be numpy arrays or torch tensors. Raises a ValueError listing every missing, unexpected or
+  Values may be numpy arrays or torch tensors. Raises a ConversionError listing every missing, unexpected or
   wrongly shaped key.
   """
   arrays = _clean(state_dict)
@@ -90,7 +96,7 @@ def from_torch_punet(state_dict: Mapping[str, Any], dtype: Any = np.float32) -> 
   if missing:
     problems.append(f"nothing for the Flax variables {sorted(missing)}")
   if problems:
-    raise ValueError(f"Cannot convert the state dict to PUNet(depth={model.depth}): " + "; ".join(problems))
+    raise ConversionError(f"Cannot convert the state dict to PUNet(depth={model.depth}): " + "; ".join(problems))
   return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -99,24 +105,31 @@ def load_torch_state_dict(path: str) -> dict[str, Any]:
   try:
     import torch
   except ImportError as error:
-    raise SystemExit("Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel).") from error
-  loaded = torch.load(path, map_location="cpu", weights_only=True)
+    raise ConversionError("Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel).") from error
+  try:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+  except (OSError, RuntimeError, EOFError, ValueError) as error:
+    raise ConversionError(f"Cannot read {path} as a PyTorch file: {error}") from error
   for key in ("state_dict", "model", "generator"):
     if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
       return dict(loaded[key])
+  if not isinstance(loaded, Mapping):
+    raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict.")
   return dict(loaded)
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("torch_file", help="PyTorch .pth file of the PConv U-Net")
-  parser.add_argument("out_dir", help="directory for the orbax checkpoint")
+  parser.add_argument("out_dir", help="directory for the orbax checkpoint (must not hold step 0 yet)")
   args = parser.parse_args(argv)
-  state_dict = load_torch_state_dict(args.torch_file)
   try:
+    state_dict = load_torch_state_dict(args.torch_file)
     variables = from_torch_punet(state_dict)
-  except ValueError as error:
-    raise SystemExit(f"{args.torch_file}: {error}") from error
+    if (epath.Path(args.out_dir) / "0").exists():
+      raise ConversionError(f"{args.out_dir} already holds a checkpoint: choose a new directory.")
+  except UserError as error:
+    raise SystemExit(f"error: {args.torch_file}: {error}") from error
   path = checkpoints.save_model(args.out_dir, variables, torch_model_config(state_dict), source=args.torch_file)
   print(f"Wrote {path}")
 

@@ -49,6 +49,7 @@ from flax import traverse_util
 from jax import lax
 
 from pconv_jax import vgg
+from pconv_jax.errors import UserError
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -73,7 +74,7 @@ SOURCES = {
 _SUFFIX_FORMAT = {".pth": "fid", ".pt": "fid", ".h5": "keras", ".hdf5": "keras", ".npz": "npz"}
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
   """Inception weights are missing, corrupt or not in the expected layout; the message says what to run."""
 
 

@@ -32,16 +32,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pconv_jax import checkpoints, models
+from pconv_jax.errors import UserError
 
 POLARITIES = ("white_hole", "black_hole")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MASK_THRESHOLD = 128
 
 
-class InpaintError(ValueError):
+class InpaintError(UserError, ValueError):
   """An input cannot be inpainted; the message says which and why."""
 
 
@@ -53,9 +55,10 @@ class Inpainter:
   batch_size: int = 4
 
   @classmethod
-  def from_checkpoint(cls, path: str | Path, step: int | None = None, batch_size: int = 4) -> "Inpainter":
-    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable step by default)."""
-    path = Path(path).expanduser()
+  def from_checkpoint(cls, path: str | epath.Path, step: int | None = None, batch_size: int = 4) -> "Inpainter":
+    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable step by default);
+    local or on an object store (gs://)."""
+    path = epath.Path(path).expanduser()
     if (path / "checkpoints").is_dir():
       path = path / "checkpoints"
     model, variables, _ = checkpoints.load_model(path, step)
@@ -255,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m pconv_jax.inpaint", description="Inpaint images with a trained PConv checkpoint.",
       epilog="Masks: white = hole by default (NVIDIA's convention); grey >= 128 counts as white.")
-  parser.add_argument("--checkpoint", required=True, type=Path,
+  parser.add_argument("--checkpoint", required=True, type=epath.Path,
                       help="a workdir (its checkpoints/ is used) or a checkpoint directory")
   parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
   parser.add_argument("--image", required=True, type=Path, help="an image file, or a folder of images")
@@ -279,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inpainter = Inpainter.from_checkpoint(args.checkpoint, args.step, args.batch_size)
     for (_, _, output_path), result in zip(pairs, inpainter.inpaint_many(images, holes)):
       write_image(result, output_path)
-  except (InpaintError, checkpoints.CheckpointError) as e:
+  except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"Wrote {len(pairs)} images to {args.output}" if args.image.is_dir() else f"Wrote {args.output}")

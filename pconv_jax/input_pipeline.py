@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 
 from pconv_jax import masks as masks_lib
+from pconv_jax.errors import ConfigError, DataError, MissingDataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -112,11 +113,11 @@ def folder_source(folder: str | pathlib.Path) -> FileSource:
   """All files with an image extension under `folder`, sorted by relative path."""
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
-    raise FileNotFoundError(f"Image folder {root} does not exist (config.data.folder / eval_folder).")
+    raise MissingDataError(f"Image folder {root} does not exist (config.data.folder / eval_folder).")
   paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                  key=lambda p: p.relative_to(root).as_posix())
   if not paths:
-    raise ValueError(f"Image folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    raise DataError(f"Image folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
   return FileSource(tuple(str(p) for p in paths))
 
 
@@ -124,12 +125,12 @@ def demo_source(*, train: bool) -> FileSource:
   """The demo photos from scikit-image's wheel: DEMO_TRAIN_PHOTOS or the held-out DEMO_EVAL_PHOTOS."""
   spec = importlib.util.find_spec("skimage")
   if spec is None or not spec.submodule_search_locations:
-    raise ImportError("config.data.source='demo' needs scikit-image (pip install scikit-image==0.26.0).")
+    raise DataError("config.data.source='demo' needs scikit-image (pip install scikit-image==0.26.0).")
   data_dir = pathlib.Path(spec.submodule_search_locations[0]) / "data"
   paths = tuple(str(data_dir / name) for name in (DEMO_TRAIN_PHOTOS if train else DEMO_EVAL_PHOTOS))
   missing = [p for p in paths if not pathlib.Path(p).is_file()]
   if missing:
-    raise FileNotFoundError(f"Demo photos missing from this scikit-image install: {missing}.")
+    raise MissingDataError(f"Demo photos missing from this scikit-image install: {missing}.")
   return FileSource(paths)
 
 
@@ -139,18 +140,18 @@ def tfds_source(name: str, split: str, *, data_dir: str | None = None,
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
-    raise ValueError(f"Unknown tensorflow-datasets dataset {name!r} (config.data.tfds_name); e.g. "
+    raise DataError(f"Unknown tensorflow-datasets dataset {name!r} (config.data.tfds_name); e.g. "
                      "places365_small, celeb_a_hq/256 or imagenet2012.") from e
   prepare_help = _PREPARE_HELP.format(name=name, data_dir=data_dir or "~/tensorflow_datasets")
   if not builder.is_prepared():
-    raise FileNotFoundError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}. {prepare_help}")
+    raise MissingDataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}. {prepare_help}")
   if image_key not in builder.info.features:
-    raise ValueError(f"tfds dataset {name!r} has no feature {image_key!r} (config.data.image_key); it has "
+    raise DataError(f"tfds dataset {name!r} has no feature {image_key!r} (config.data.image_key); it has "
                      f"{sorted(builder.info.features.keys())}.")
   try:
     data_source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
   except NotImplementedError as e:  # Prepared in the default tfrecord format.
-    raise ValueError(f"tfds dataset {name!r} in {builder.data_dir} was prepared as "
+    raise DataError(f"tfds dataset {name!r} in {builder.data_dir} was prepared as "
                      f"{builder.info.file_format}, which needs TensorFlow to read. {prepare_help}") from e
   return TfdsSource(data_source, image_key, f"{name}/{split}")
 
@@ -162,7 +163,7 @@ def create_image_source(config: ml_collections.ConfigDict, *, train: bool) -> Im
                        data_dir=config.tfds_data_dir, image_key=config.image_key)
   if config.source == "folder":
     if not config.folder:
-      raise ValueError("config.data.source='folder' needs config.data.folder.")
+      raise ConfigError("config.data.source='folder' needs config.data.folder.")
     if train or config.eval_folder:
       return folder_source(config.folder if train else config.eval_folder)
     logging.warning("config.data.eval_folder is not set: evaluating on the training folder %s.",
@@ -170,7 +171,7 @@ def create_image_source(config: ml_collections.ConfigDict, *, train: bool) -> Im
     return folder_source(config.folder)
   if config.source == "demo":
     return demo_source(train=train)
-  raise ValueError(f"Unknown config.data.source {config.source!r}; use 'tfds', 'folder' or 'demo'.")
+  raise ConfigError(f"Unknown config.data.source {config.source!r}; use 'tfds', 'folder' or 'demo'.")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -243,7 +244,7 @@ def read_image(source: ImageSource, index: int, *, image_size: int,
                           resize_shorter_side=resize_shorter_side), skipped
     except _DECODE_ERRORS as e:
       logging.warning("Skipping unreadable image %s: %s", source.describe(position), e)
-  raise RuntimeError(f"{_MAX_CONSECUTIVE_SKIPS} consecutive unreadable images from "
+  raise DataError(f"{_MAX_CONSECUTIVE_SKIPS} consecutive unreadable images from "
                      f"{source.describe(index)} on; the data set looks corrupt.")
 
 
@@ -378,9 +379,9 @@ class TrainIterator:
 
 def _validate(config: ml_collections.ConfigDict) -> None:
   if config.image_size <= 0:
-    raise ValueError(f"config.data.image_size must be positive, got {config.image_size}.")
+    raise ConfigError(f"config.data.image_size must be positive, got {config.image_size}.")
   if config.resize_shorter_side is not None and config.resize_shorter_side < config.image_size:
-    raise ValueError(f"config.data.resize_shorter_side ({config.resize_shorter_side}) must be at least "
+    raise ConfigError(f"config.data.resize_shorter_side ({config.resize_shorter_side}) must be at least "
                      f"image_size ({config.image_size}).")
 
 
@@ -398,7 +399,7 @@ def create_train_iter(config: ml_collections.ConfigDict, *, global_batch_size: i
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"The global batch size ({global_batch_size}) must be a positive multiple of the "
+    raise ConfigError(f"The global batch size ({global_batch_size}) must be a positive multiple of the "
                      f"process count ({process_count}).")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
@@ -407,7 +408,8 @@ def create_train_iter(config: ml_collections.ConfigDict, *, global_batch_size: i
   _validate(config)
   source = create_image_source(config, train=True)
   if len(source) == 0:
-    raise ValueError(f"The training split {config.train_split!r} of {config.tfds_name!r} is empty.")
+    raise DataError(f"No training images (config.data.source={config.source!r}, train_split="
+                    f"{config.train_split!r}, folder={config.folder!r}).")
   loader = _ExampleLoader(source, masks_lib.create_mask_sampler(config.masks), seed, config.image_size,
                           config.resize_shorter_side, config.random_flip)
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -442,7 +444,7 @@ def load_eval_images(config: ml_collections.ConfigDict, num_images: int | None =
   source = create_image_source(config, train=False)
   count = len(source) if num_images is None else num_images
   if not 0 < count <= len(source):
-    raise ValueError(f"Asked for {count} evaluation images; the evaluation source has {len(source)}.")
+    raise ConfigError(f"Asked for {count} evaluation images; the evaluation source has {len(source)}.")
   images = []
   for index in (np.arange(count) * len(source)) // count:
     image, _ = read_image(source, int(index), image_size=config.image_size,

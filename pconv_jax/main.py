@@ -13,7 +13,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pconv_jax import checkpoints, evaluate, inception, train, vgg
+from pconv_jax import evaluate, train
+from pconv_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Configuration file, e.g. configs/places2.py[:variant].",
@@ -24,13 +25,10 @@ flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming if the wo
 flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
                     "host:port of process 0, for multi-process runs outside TPU pods and Slurm.")
 flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None, "Processes in the job.")
-flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", -1)), "This process's index.")
+flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+                     "This process's index.")
 flags.DEFINE_integer("num_cpu_devices", None, "Simulated CPU devices per process (testing on one machine).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-USER_ERRORS = (train.ConfigError, evaluate.EvalConfigError, vgg.VGGWeightsError, inception.InceptionWeightsError,
-               checkpoints.CheckpointError, FileNotFoundError, FloatingPointError)
-
 
 def in_managed_cluster() -> bool:
   """True on a multi-host Cloud TPU slice or in a multi-task Slurm job (JAX then finds its peers itself)."""
@@ -52,7 +50,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-file INFO lines drown the progress lines.
+  for handler in logging.getLogger().handlers:  # Orbax's per-file INFO lines drown the progress lines.
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname)
   initialize_distributed()
   logging.info("JAX process %d of %d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
@@ -61,7 +60,7 @@ def main(argv: list[str]) -> None:
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-  except USER_ERRORS as error:
+  except (UserError, FloatingPointError) as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
 

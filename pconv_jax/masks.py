@@ -20,6 +20,8 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pconv_jax.errors import ConfigError, DataError, MissingDataError
+
 # The paper's hole-to-image area ratio bins: (0.01, 0.1], (0.1, 0.2], ..., (0.5, 0.6].
 HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = (
     (0.01, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6))
@@ -212,13 +214,13 @@ def list_mask_files(directory: str | pathlib.Path, *, check_readable: bool = Tru
   """
   root = pathlib.Path(directory).expanduser()
   if not root.is_dir():
-    raise FileNotFoundError(
+    raise MissingDataError(
         f"Mask directory {root} does not exist. Download NVIDIA's Irregular Mask Dataset from "
         f"{NVIDIA_MASKS_URL} (see the README), unzip it and point config.data.masks.dir (training masks) "
         "or config.data.masks.test_dir (test masks) at it.")
   paths = tuple(sorted(str(p) for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file()))
   if not paths:
-    raise ValueError(f"Mask directory {root} holds no .png files; expected the unzipped Irregular Mask "
+    raise DataError(f"Mask directory {root} holds no .png files; expected the unzipped Irregular Mask "
                      f"Dataset from {NVIDIA_MASKS_URL}.")
   if check_readable:
     for path in paths:
@@ -226,7 +228,7 @@ def list_mask_files(directory: str | pathlib.Path, *, check_readable: bool = Tru
         with Image.open(path) as image:
           image.size  # pylint: disable=pointless-statement
       except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
+        raise DataError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
   return paths
 
 
@@ -236,7 +238,7 @@ def read_mask_png(path: str | pathlib.Path) -> np.ndarray:
     with Image.open(path) as image:
       grey = np.asarray(image.convert("L"))
   except (OSError, ValueError, SyntaxError) as e:
-    raise ValueError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
+    raise DataError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
   return (grey < 128).astype(np.uint8)[..., None]
 
 
@@ -354,16 +356,16 @@ class NvidiaMasks:
 def create_mask_sampler(config: ml_collections.ConfigDict) -> MaskSampler:
   """The training mask sampler described by `config.data.masks`."""
   if not 0 <= config.min_hole_ratio < config.max_hole_ratio <= 1:
-    raise ValueError("config.data.masks needs 0 <= min_hole_ratio < max_hole_ratio <= 1, got "
+    raise ConfigError("config.data.masks needs 0 <= min_hole_ratio < max_hole_ratio <= 1, got "
                      f"{config.min_hole_ratio} and {config.max_hole_ratio}.")
   if config.source == "procedural":
     return ProceduralMasks(config.min_hole_ratio, config.max_hole_ratio)
   if config.source == "nvidia":
     if not config.dir:
-      raise ValueError("config.data.masks.source='nvidia' needs config.data.masks.dir: the unzipped "
+      raise ConfigError("config.data.masks.source='nvidia' needs config.data.masks.dir: the unzipped "
                        f"training masks of NVIDIA's Irregular Mask Dataset ({NVIDIA_MASKS_URL}).")
     return NvidiaMasks.from_dir(config.dir, config.min_hole_ratio, config.max_hole_ratio)
-  raise ValueError(f"Unknown config.data.masks.source {config.source!r}; use 'procedural' or 'nvidia'.")
+  raise ConfigError(f"Unknown config.data.masks.source {config.source!r}; use 'procedural' or 'nvidia'.")
 
 
 def load_eval_masks(config: ml_collections.ConfigDict, per_bin: int, *,

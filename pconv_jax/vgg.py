@@ -44,6 +44,8 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from pconv_jax.errors import UserError
+
 Array = jax.Array
 Variables = dict[str, dict[str, Any]]
 
@@ -90,7 +92,7 @@ SOURCES = {
 _SUFFIX_SOURCE = {".pth": "torchvision", ".pt": "torchvision", ".h5": "keras", ".hdf5": "keras", ".npz": "npz"}
 
 
-class VGGWeightsError(RuntimeError):
+class VGGWeightsError(UserError, RuntimeError):
   """VGG-16 weights are missing, corrupt or not in the expected layout; the message says what to run."""
 
 

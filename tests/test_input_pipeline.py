@@ -13,6 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pconv_jax import input_pipeline
+from pconv_jax.errors import DataError
 
 SIZE = 32
 NUM_COLOURS = 12
@@ -269,7 +270,7 @@ def test_only_unreadable_images_raise(tmp_path):
   config = _config(source="folder", folder=str(tmp_path))
   with input_pipeline.create_train_iter(config, global_batch_size=1, seed=0, process_index=0,
                                         process_count=1) as iterator:
-    with pytest.raises(RuntimeError, match="consecutive unreadable images"):
+    with pytest.raises(DataError, match="consecutive unreadable images"):
       next(iterator)
 
 
