@@ -11,14 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pconv_jax.layers import PartialConv
+from pconv_jax.layers import BatchNorm, PartialConv
 
 Array = jax.Array
-
-# PyTorch's BatchNorm2d defaults: running = 0.9 * running + 0.1 * batch (flax momentum 0.9), eps 1e-5.
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
-
 
 def paper_features(depth: int) -> tuple[int, ...]:
   """Encoder widths of the paper's network: 64, 128, 256, 512, then 512 for every further level."""
@@ -57,8 +52,7 @@ class PConvBlock(nn.Module):
       x = nn.Conv(self.features, (self.kernel_size,) * 2, self.strides, padding, use_bias=self.use_bias,
                   kernel_init=nn.initializers.kaiming_normal(), dtype=self.dtype, name="conv")(x)
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train or self.frozen_bn, momentum=BN_MOMENTUM,
-                       epsilon=BN_EPSILON, dtype=self.dtype, name="bn")(x)
+      x = BatchNorm(use_running_average=not train or self.frozen_bn, dtype=self.dtype, name="bn")(x)
     if self.activation == "relu":
       x = nn.relu(x)
     elif self.activation == "leaky_relu":
@@ -187,3 +181,12 @@ def create_model(config: Mapping[str, Any], **overrides: Any) -> PUNet:
       partial=config.get("partial", True),
       dtype=jnp.dtype(config.get("dtype", "float32")))
   return PUNet(**(kwargs | overrides))
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
+  """What fixes a model config's variables and meaning (not its dtype): for checking checkpoints against configs."""
+  depth = config["depth"]
+  return {"depth": depth,
+          "features": list(config.get("features") or paper_features(depth)),
+          "kernel_sizes": list(config.get("kernel_sizes") or paper_kernel_sizes(depth)),
+          "partial": bool(config.get("partial", True))}

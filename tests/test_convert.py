@@ -1,5 +1,6 @@
 """PyTorch PConv U-Net -> Flax: identical outputs in eval mode, clear errors, and the CLI's orbax checkpoint."""
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,27 @@ def test_float64_outputs_match_to_1e8(paper_net):
     got = jax.jit(models.PUNet(dtype=jnp.float64).apply)(variables, images, masks)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-8)
+
+
+def test_train_mode_outputs_and_batchnorm_statistics_match_in_float64():
+  """One training-mode forward: batch statistics, PyTorch's momentum and its unbiased running variance."""
+  net = torch_reference.randomize(torch_reference.TorchPUNet(), seed=5).double()
+  images, masks = inputs(128, seed=3)
+  variables = convert.from_torch_punet(net.state_dict(), dtype=np.float64)
+  net.train()
+  to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+  with torch.no_grad():
+    want = net(to_torch(images), to_torch(np.repeat(masks, 3, axis=-1))).numpy().transpose(0, 2, 3, 1)
+  want_stats = convert.from_torch_punet(net.state_dict(), dtype=np.float64)["batch_stats"]
+  with jax.enable_x64(True):
+    apply = jax.jit(functools.partial(models.PUNet(dtype=jnp.float64).apply, train=True, mutable=["batch_stats"]))
+    got, updates = apply(variables, images, masks)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-8)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=1e-10, atol=1e-12),
+                 updates["batch_stats"], want_stats)
+  # The bottleneck (1x1 per image, batch 2) is where the unbiased correction matters most: n/(n-1) = 2.
+  assert not np.allclose(want_stats["encoder"]["block_7"]["bn"]["var"],
+                         variables["batch_stats"]["encoder"]["block_7"]["bn"]["var"])
 
 
 def test_float32_outputs_match(paper_net):
