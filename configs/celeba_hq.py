@@ -10,7 +10,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.data.source = "tfds"
   config.data.tfds_name = "celeb_a_hq/256"
-  config.data.train_split = "train"
+  config.data.train_split = "train[:-2000]"  # CelebA-HQ has one split: hold out its last 2000 images.
   config.data.eval_split = "train[-2000:]"
   config.data.image_size = 256
   config.stages.initial_steps = 300_000

@@ -100,5 +100,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.baselines = ("telea", "navier_stokes", "mean_fill")  # Rows besides the model's; () for none.
   config.eval.inception = True  # IScore and FID columns (need Inception-v3 weights; n/a without them).
   config.eval.inception_weights = ml_collections.config_dict.placeholder(str)  # None: look in the cache.
+  config.eval.note = ml_collections.config_dict.placeholder(str)  # A line for the results' notes.
 
   return config

@@ -24,6 +24,7 @@ done
 [[ -n "$config" && -n "$workdir" ]] || die "--config and --workdir are required (see --help)"
 
 pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM  # SIGTERM makes every process save and exit.
 for ((i = 0; i < processes; i++)); do
   command=(python -m pconv_jax.main --config "$config" --workdir "$workdir" --num_cpu_devices "$devices"
            --coordinator_address "127.0.0.1:$port" --num_processes "$processes" --process_id "$i" "${extra[@]}")

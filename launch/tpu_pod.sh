@@ -55,5 +55,6 @@ cd ~/pconv_jax && pip install -r requirements-gcs.txt 'jax[tpu]==0.10.2' && pyth
 flags=(--config "$config" --workdir "$workdir")
 [[ -n "$data_dir" ]] && flags+=(--config.data.tfds_data_dir="$data_dir")
 flags+=("${extra[@]}")
-run "${ssh_all[@]}" --command "cd ~/pconv_jax && nohup python -m pconv_jax.main ${flags[*]} > train.log 2>&1 &"
+quoted=$(printf ' %q' "${flags[@]}")
+run "${ssh_all[@]}" --command "cd ~/pconv_jax && nohup python -m pconv_jax.main${quoted} > train.log 2>&1 &"
 echo "# logs: ${ssh_all[*]} --command 'tail -f ~/pconv_jax/train.log'; TensorBoard: $workdir/logs"

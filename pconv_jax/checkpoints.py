@@ -19,6 +19,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from pconv_jax import models
+from pconv_jax.errors import UserError
 
 MODEL = "model"
 META = "meta"
@@ -27,7 +28,7 @@ DATA = "data"
 TRAIN_ITEMS = (MODEL, OPT_STATE, DATA, META)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint is missing or unreadable; the message says what to do."""
 
 
@@ -111,18 +112,22 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Callable
                         data_iter: Any) -> tuple[Any, dict] | None:
   """Restores the newest readable step into `abstract_state(meta)`; None if there is no checkpoint.
 
-  An unreadable step (a truncated or corrupt write) is moved to `<directory>/../corrupt_checkpoints/` and the
-  previous step is tried. The input iterator is restored too; if it was saved by a different number of
+  A step that cannot be read on some process (after one retry) is moved to `<directory>/../corrupt_checkpoints/`
+  by every process together, and the previous step is tried. Errors of `abstract_state` (a config that does not
+  fit the checkpoint) propagate. The input iterator is restored too; if it was saved by a different number of
   processes, it is positioned at the checkpoint's step instead (batches are a function of seed and step).
   """
   for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
-      abstract = abstract_state(meta)
-      restored = manager.restore(step, args=ocp.args.Composite(**{
-          MODEL: ocp.args.StandardRestore({"params": abstract.params, "batch_stats": abstract.batch_stats}),
-          OPT_STATE: ocp.args.StandardRestore(abstract.opt_state)}))
-    except Exception as error:  # Orbax raises many types for truncated or corrupt files.
+    meta, error = _attempt(
+        lambda: manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+    if _failed_anywhere(error):
+      _quarantine(manager, step, error)
+      continue
+    abstract = abstract_state(meta)
+    restored, error = _attempt(lambda: manager.restore(step, args=ocp.args.Composite(**{
+        MODEL: ocp.args.StandardRestore({"params": abstract.params, "batch_stats": abstract.batch_stats}),
+        OPT_STATE: ocp.args.StandardRestore(abstract.opt_state)})))
+    if _failed_anywhere(error):
       _quarantine(manager, step, error)
       continue
     state = abstract.replace(
@@ -138,13 +143,37 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Callable
   return None
 
 
-def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+def _attempt(read: Callable[[], Any]) -> tuple[Any, Exception | None]:
+  """(read(), None), or (None, the error) if it failed twice (object stores have transient read errors)."""
+  error = None
+  for _ in range(2):
+    try:
+      return read(), None
+    except Exception as e:  # Orbax raises many types for truncated or corrupt files.
+      error = e
+  return None, error
+
+
+def _failed_anywhere(error: Exception | None) -> bool:
+  """Whether any process failed: all processes must take the same branch, or collectives deadlock."""
+  return bool(multihost_utils.process_allgather(np.int32(error is not None)).any())
+
+
+def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception | None) -> None:
   directory = epath.Path(manager.directory)
   target = directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
-  logging.error("Checkpoint step %d in %s is unreadable (%s: %s); moving it to %s and falling back to the "
-                "previous step.", step, directory, type(error).__name__, error, target)
+  logging.error("Checkpoint step %d in %s is unreadable (%s); moving it to %s and falling back to the previous "
+                "step.", step, directory, f"{type(error).__name__}: {error}" if error else "on another process",
+                target)
+  moved = True
   if jax.process_index() == 0:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    (directory / str(step)).rename(target)
-  multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (directory / str(step)).rename(target)
+    except OSError as e:
+      logging.error("Could not move %s: %s", directory / str(step), e)
+      moved = False
+  if not multihost_utils.process_allgather(np.int32(moved)).all():
+    raise CheckpointError(f"Checkpoint step {step} in {directory} is unreadable and could not be moved aside: "
+                          f"move or delete {directory / str(step)} and rerun to resume from the previous step.")
   manager.reload()

@@ -37,6 +37,7 @@ from etils import epath
 from PIL import Image
 
 from pconv_jax import baselines, checkpoints, inception, input_pipeline, masks, metrics, models, parallel
+from pconv_jax.errors import ConfigError, UserError
 
 MODEL_METHOD = "pconv"
 IMAGE_METRICS = ("l1_percent", "psnr", "ssim")
@@ -47,7 +48,7 @@ SET_ABBREVIATIONS = {"no_border": "N", "border": "B"}  # The paper's column labe
 CSV_COLUMNS = ("method", "mask_set", "bin", "pairs") + tuple(key for key, _, _ in TABLE_METRICS)
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
   """`config.eval` cannot work; the message says which field and what to use."""
 
 
@@ -260,6 +261,8 @@ def _notes(config: ml_collections.ConfigDict, network: inception.Inception | Non
     notes.append("Some bins have no masks (n/a): the mask set has none with that hole ratio.")
   columns = ", ".join(["input with holes in white"] + [_method_name(m) for m in methods] + ["ground truth"])
   notes.append(f"Sample grids samples_<mask set>.png: one row per bin, smallest holes first; columns: {columns}.")
+  if config.eval.note:
+    notes.append(config.eval.note)
   if meta.get("vgg_losses") is False:
     notes.append("This model was trained without VGG-16 weights, i.e. without the perceptual and style losses: "
                  "not the paper's loss.")
@@ -350,8 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flag_values = flags.FLAGS
     try:
       evaluate(flag_values.config, flag_values.workdir, checkpoint=flag_values.checkpoint)
-    except (EvalConfigError, checkpoints.CheckpointError, inception.InceptionWeightsError, FileNotFoundError,
-            ValueError) as error:
+    except UserError as error:
       sys.exit(f"error: {error}")
 
   app.run(run, argv=list(argv) if argv is not None else None)

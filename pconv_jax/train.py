@@ -25,13 +25,10 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from pconv_jax import checkpoints, evaluate, input_pipeline, losses, masks, models, parallel, vgg
+from pconv_jax.errors import ConfigError
 from pconv_jax.metric_writer import MetricWriter
 
 INITIAL, FINETUNE = "initial", "finetune"
-
-
-class ConfigError(ValueError):
-  """The configuration cannot work; the message says which field and what to use."""
 
 
 @flax.struct.dataclass
@@ -64,34 +61,28 @@ def create_optimizer(stage: str, config: ml_collections.ConfigDict) -> optax.Gra
   return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
-def _dummy_inputs(model: models.PUNet, image_size: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-  return (jax.ShapeDtypeStruct((1, image_size, image_size, model.out_channels), jnp.float32),
-          jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32))
+def _init_fn(model: models.PUNet, tx: optax.GradientTransformation, image_size: int):
+  """`init(rng, variables) -> TrainState`: fresh variables from `rng` when `variables` is None."""
+  def init(rng, variables):
+    if variables is None:
+      images = jnp.zeros((1, image_size, image_size, model.out_channels), jnp.float32)
+      variables = model.init(rng, images, jnp.ones(images.shape[:3] + (1,), jnp.float32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+  return init
 
 
 def create_train_state(model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                        image_size: int, seed: int, variables: Mapping[str, Any] | None = None) -> TrainState:
-  """A new state born replicated on `mesh`: fresh variables from `seed`, or the given `variables`."""
-  images, masks_ = (jnp.zeros(s.shape, s.dtype) for s in _dummy_inputs(model, image_size))
-
-  def init(rng, variables):
-    if variables is None:
-      variables = model.init(rng, images, masks_)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
-
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(seed), variables)
+  """A new state born replicated on `mesh`: fresh variables from `seed`, or the given (replicated) `variables`."""
+  init = jax.jit(_init_fn(model, tx, image_size), out_shardings=parallel.replicated(mesh))
+  return init(jax.random.key(seed), variables)
 
 
 def abstract_train_state(model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                          image_size: int) -> TrainState:
   """Shapes, dtypes and shardings of the train state, computed without allocating it."""
-  def init(rng):
-    variables = model.init(rng, *(jnp.zeros(s.shape, s.dtype) for s in _dummy_inputs(model, image_size)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
-
-  shapes = jax.eval_shape(init, jax.random.key(0))
+  shapes = jax.eval_shape(_init_fn(model, tx, image_size), jax.random.key(0), None)
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -144,6 +135,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.train.{name} must be positive.")
   if config.checkpoint.every_steps <= 0 or config.checkpoint.max_to_keep <= 0:
     raise ConfigError("config.checkpoint.every_steps and max_to_keep must be positive.")
+  if config.eval.at_end:  # Not only after days of training.
+    evaluate.validate_config(config)
 
 
 class PreemptionWatcher:
@@ -175,26 +168,29 @@ def sample_grid(images: np.ndarray, masks_: np.ndarray, outputs: np.ndarray) -> 
 class _Samples:
   """Fixed evaluation images and masks, inpainted with the current model for visual progress."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  def __init__(self, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh):
     size = config.data.image_size
     available = len(input_pipeline.create_image_source(config.data, train=False))
     self.images = input_pipeline.load_eval_images(config.data, min(config.train.num_samples, available))
     self.masks = np.stack([masks.random_mask(np.random.default_rng([config.seed, 7, i]), size, 0.1, 0.5)
                            for i in range(len(self.images))]).astype(np.float32)
-    self._sharding = parallel.replicated(mesh)
+    self._inputs = [replicate(a, mesh) for a in (self.images, self.masks)]
+    self._predict = jax.jit(functools.partial(model.apply, train=False), out_shardings=parallel.replicated(mesh))
 
-  def write(self, model: models.PUNet, state: TrainState, writer: MetricWriter, directory: epath.Path,
-            step: int) -> None:
-    global_ = lambda a: jax.make_array_from_process_local_data(self._sharding, a)  # noqa: E731
-    predict = jax.jit(functools.partial(model.apply, train=False), out_shardings=self._sharding)
-    outputs = predict({"params": state.params, "batch_stats": state.batch_stats},
-                      global_(self.images), global_(self.masks))
+  def write(self, state: TrainState, writer: MetricWriter, directory: epath.Path, step: int) -> None:
+    outputs = self._predict({"params": state.params, "batch_stats": state.batch_stats}, *self._inputs)
     grid = sample_grid(self.images, self.masks, np.asarray(outputs.addressable_data(0)))
     if jax.process_index() == 0:
       directory.mkdir(parents=True, exist_ok=True)
       with (directory / f"step_{step:08d}.png").open("wb") as f:
         Image.fromarray(grid).save(f, format="PNG")
       writer.write_images(step, {"samples/input_output_composite_truth": grid})
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Host values (the same on every process) -> arrays replicated over `mesh`, also across processes."""
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
 def _log_parameter_overview(params: Any) -> None:
@@ -225,22 +221,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   model = models.create_model(config.model)
   vgg_variables = vgg.resolve_weights(config.loss.vgg_weights, required=config.loss.require_vgg)
   if vgg_variables is not None:
-    vgg_variables = jax.device_put(vgg_variables, parallel.replicated(mesh))
+    vgg_variables = replicate(vgg_variables, mesh)
   data_iter = input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
                                                seed=config.seed)
-  samples = _Samples(config, mesh)
+  samples = _Samples(config, model, mesh)
   manager = checkpoints.train_manager(workdir / "checkpoints", config.checkpoint.max_to_keep)
 
-  def abstract(stage: str) -> TrainState:
-    return abstract_train_state(model, create_optimizer(stage, config), mesh, config.data.image_size)
+  def abstract(meta: Mapping[str, Any]) -> TrainState:
+    _check_architecture(meta, config, f"the checkpoint of step {meta['step']} in {manager.directory}")
+    return abstract_train_state(model, create_optimizer(meta["stage"], config), mesh, config.data.image_size)
 
-  restored = checkpoints.restore_train_state(manager, lambda meta: abstract(meta["stage"]), data_iter)
+  restored = checkpoints.restore_train_state(manager, abstract, data_iter)
   if restored is not None:
     state, meta = restored
     state_stage = meta["stage"]
     logging.info("Resumed from %s at step %d (stage %s).", manager.directory, meta["step"], state_stage)
   elif stages.finetune_from:
-    _, variables, _ = checkpoints.load_model(stages.finetune_from)
+    _, variables, meta = checkpoints.load_model(stages.finetune_from)
+    _check_architecture(meta, config, f"config.stages.finetune_from={stages.finetune_from}")
+    variables = replicate(jax.device_get(variables), mesh)
     state_stage = FINETUNE
     state = create_train_state(model, create_optimizer(FINETUNE, config), mesh, config.data.image_size,
                                config.seed, variables).replace(step=jnp.asarray(stages.initial_steps, jnp.int32))
@@ -281,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         last_log = _log_metrics(pending, writer, step, total_steps, last_log, config, stage)
         pending = []
       if step % config.train.sample_every_steps == 0 or step == total_steps:
-        samples.write(model, state, writer, workdir / "samples", step)
+        samples.write(state, writer, workdir / "samples", step)
       preempted = preemption.reached(step)
       if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
         apply_nonfinite_policy(pending, step, config.train.nonfinite)
@@ -300,6 +299,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   if step == total_steps and config.eval.at_end:
     evaluate.evaluate(config, workdir)
   return state
+
+
+def _check_architecture(meta: Mapping[str, Any], config: ml_collections.ConfigDict, what: str) -> None:
+  saved, wanted = models.architecture(meta["model"]), models.architecture(config.model)
+  if saved != wanted:
+    raise ConfigError(f"config.model {wanted} does not fit {what}, which holds {saved}: use the checkpoint's "
+                      "model settings, or another workdir to train a different network.")
 
 
 def make_train_step(stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh):

@@ -58,19 +58,33 @@ def make_state_and_batches(config, mesh, num_batches):
   return model, state, batches
 
 
-def test_eight_devices_match_one_device():
+def random_vgg_variables(seed=0):
+  """Small random VGG-16 weights through the torchvision loader (the loss then has all six terms)."""
+  rng = np.random.default_rng(seed)
+  state = {}
+  for index, (_, cin, cout) in zip((0, 2, 5, 7, 10, 12, 14), vgg.CONVS):
+    state[f"features.{index}.weight"] = rng.normal(0, (2 / (9 * cin)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
+    state[f"features.{index}.bias"] = np.zeros(cout, np.float32)
+  return vgg.from_torchvision_state_dict(state)
+
+
+def test_eight_devices_match_one_device_with_the_full_loss():
   config = tiny_config.get_config()
-  losses = {}
+  vgg_variables = random_vgg_variables()
+  losses, params = {}, {}
   for devices in (1, 8):
     mesh = parallel.create_mesh(devices)
     model, state, batches = make_state_and_batches(config, mesh, 3)
     step = train.make_train_step("initial", config, model, mesh)
     losses[devices] = []
     for batch in batches:
-      state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh), None)
+      state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh), train.replicate(vgg_variables, mesh))
       losses[devices].append(float(metrics["loss"]))
+      assert float(metrics["style_out"]) > 0 and float(metrics["perceptual"]) > 0
     assert len(state.params["encoder"]["block_1"]["conv"]["kernel"].sharding.device_set) == devices
+    params[devices] = jax.device_get(state.params)
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params[8], params[1])
   assert losses[1][0] != losses[1][2]
 
 
@@ -163,6 +177,49 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   shutil.rmtree(tmp_path / "checkpoints" / "4")
   config.stages.finetune_steps = 2
   assert int(train.train_and_evaluate(config, tmp_path).step) == 5
+
+
+def test_resume_at_the_stage_boundary_equals_one_run(tmp_path):
+  """Stop exactly after the initial stage (checkpoint with Adam state of stage 1), then resume into finetune."""
+  config = tiny_config.get_config()
+  train.train_and_evaluate(config, tmp_path / "straight")
+  config.stages.finetune_steps = 0
+  train.train_and_evaluate(config, tmp_path / "split")
+  config.stages.finetune_steps = 3
+  train.train_and_evaluate(config, tmp_path / "split")
+  want, got = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
+  assert got["meta_step"] == 6
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_finetune_from_a_stage1_checkpoint_on_eight_devices(tmp_path):
+  config = tiny_config.get_config()
+  config.stages.finetune_steps = 0
+  train.train_and_evaluate(config, tmp_path / "stage1")
+  _, stage1, _ = checkpoints.load_model(tmp_path / "stage1" / "checkpoints")
+  config.stages.finetune_steps = 2
+  config.stages.finetune_from = str(tmp_path / "stage1" / "checkpoints")
+  state = train.train_and_evaluate(config, tmp_path / "stage2")
+  assert int(state.step) == 5 and sorted(read_metrics(tmp_path / "stage2")) == [4, 5]
+  _, variables, meta = checkpoints.load_model(tmp_path / "stage2" / "checkpoints")
+  assert meta["stage"] == "finetune"
+  jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"]["encoder"], stage1["batch_stats"]["encoder"])
+
+  config.model.features = (8, 16, 32)
+  with pytest.raises(train.ConfigError, match="does not fit config.stages.finetune_from"):
+    train.train_and_evaluate(config, tmp_path / "stage2_wider")
+
+
+def test_resuming_with_another_network_is_refused_and_keeps_the_checkpoints(tmp_path):
+  config = tiny_config.get_config()
+  config.stages.update(initial_steps=2, finetune_steps=0)
+  train.train_and_evaluate(config, tmp_path)
+  config.model.depth, config.model.features = 2, (8, 16)
+  with pytest.raises(train.ConfigError, match="does not fit the checkpoint of step 2"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
 def run_main(workdir, *args, env=None, **popen):
