@@ -27,7 +27,6 @@ Cache (as for VGG-16): `$PCONV_JAX_CACHE`, else `$XDG_CACHE_HOME/pconv_jax`, els
     python -m pconv_jax.inception convert path/to/pt_inception-2015-12-05-6726825d.pth
 """
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -48,8 +47,7 @@ from absl import logging
 from flax import traverse_util
 from jax import lax
 
-from pconv_jax import vgg
-from pconv_jax.errors import UserError
+from pconv_jax import weights
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -61,12 +59,12 @@ BN_EPSILON = 1e-3  # Both sources: TensorFlow's and Keras' BatchNorm epsilon (to
 SOURCES = {
     # torch.hub-style name: the suffix is the start of the SHA-256. The full digest (95,628,359 bytes) is the one
     # pinned for this URL by several independent projects (e.g. as 'tf_inception_v3' next to this exact URL).
-    "fid": vgg.Source(
+    "fid": weights.Source(
         url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
             "pt_inception-2015-12-05-6726825d.pth",
         checksums={"sha256": "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"}),
     # keras.applications.inception_v3 publishes only an MD5 (`file_hash`) for this file.
-    "keras": vgg.Source(
+    "keras": weights.Source(
         url="https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
             "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
         checksums={"md5": "9a0d58056eeedaa3f26cb7ebd46da564"}),
@@ -74,7 +72,7 @@ SOURCES = {
 _SUFFIX_FORMAT = {".pth": "fid", ".pt": "fid", ".h5": "keras", ".hdf5": "keras", ".npz": "npz"}
 
 
-class InceptionWeightsError(UserError, RuntimeError):
+class InceptionWeightsError(weights.WeightsError):
   """Inception weights are missing, corrupt or not in the expected layout; the message says what to run."""
 
 
@@ -445,12 +443,12 @@ def cached_path(source: str) -> Path:
   """Where `fetch`/`convert` put the compact file for `source` ("fid" or "keras")."""
   if source not in SOURCES:
     raise ValueError(f"unknown Inception weight source {source!r}; expected one of {sorted(SOURCES)}")
-  return vgg.cache_dir() / f"inception_v3_{source}.npz"
+  return weights.cache_dir() / f"inception_v3_{source}.npz"
 
 
 def missing_weights_message() -> str:
   """Why the Inception columns are empty and how to fill them."""
-  return (f"no Inception-v3 weights: config.eval.inception_weights is unset and the cache {vgg.cache_dir()} holds "
+  return (f"no Inception-v3 weights: config.eval.inception_weights is unset and the cache {weights.cache_dir()} holds "
           f"neither {cached_path('fid').name} nor {cached_path('keras').name}; run `{fetch_command()}` "
           f"(or `{fetch_command('keras')}`)")
 
@@ -483,10 +481,8 @@ def fetch(source: str, *, url: str | None = None, sha256: str | None = None) -> 
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     raw = Path(tmp) / spec.filename
-    try:
-      digests = vgg.download(url or spec.url, raw, {"sha256": sha256} if sha256 else spec.checksums)
-    except vgg.VGGWeightsError as e:  # The download helper is shared with VGG; its messages are generic.
-      raise InceptionWeightsError(str(e)) from e
+    digests = weights.download(url or spec.url, raw, {"sha256": sha256} if sha256 else spec.checksums,
+                               InceptionWeightsError)
     save_npz(_LOADERS[source](raw), out, origin_sha256=digests["sha256"])
   return out
 
@@ -497,40 +493,15 @@ def convert(path: str | os.PathLike, output: str | os.PathLike | None = None) ->
   if _format_of(path) == "npz":
     raise InceptionWeightsError(f"{path} is already a compact .npz file; use it as config.eval.inception_weights")
   network = load(path)
-  digests = vgg._file_digests(path)  # pylint: disable=protected-access  (same hashing as VGG's converter)
-  if any(digests[name] != want for name, want in SOURCES[network.source].checksums.items()):
-    logging.warning("%s is not the published %s (SHA-256 %s); converting it anyway.", path,
-                    SOURCES[network.source].filename, digests["sha256"])
+  digests = weights.check_canonical(path, SOURCES[network.source])
   out = Path(output) if output is not None else cached_path(network.source)
   save_npz(network, out, origin_sha256=digests["sha256"])
   return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m pconv_jax.inception",
-      description="Fetch or convert Inception-v3 weights for the Inception score and FID columns of the evaluation.",
-      epilog=f"Cache directory: {vgg.cache_dir()} (set $PCONV_JAX_CACHE to change it).")
-  commands = parser.add_subparsers(dest="command", required=True)
-  fetch_parser = commands.add_parser("fetch", help="download, verify and convert a published weight file")
-  fetch_parser.add_argument("source", choices=sorted(SOURCES))
-  fetch_parser.add_argument("--url", help="download from here instead (a mirror, or file:///path)")
-  fetch_parser.add_argument("--sha256", help="expected SHA-256 of that file, replacing the published checksum")
-  convert_parser = commands.add_parser("convert", help="convert a local .pth or .h5 file")
-  convert_parser.add_argument("path")
-  convert_parser.add_argument("--output", help=f"output .npz (default: {vgg.cache_dir()}/inception_v3_<source>.npz)")
-  args = parser.parse_args(argv)
-  try:
-    if args.command == "fetch":
-      print(f"Downloading {args.url or SOURCES[args.source].url} ...", flush=True)
-      out = fetch(args.source, url=args.url, sha256=args.sha256)
-    else:
-      out = convert(args.path, args.output)
-  except InceptionWeightsError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"Saved Inception-v3 weights to {out}")
-  return 0
+  return weights.main(argv, network="Inception-v3 (IScore and FID)", prog="python -m pconv_jax.inception",
+                      sources=SOURCES, fetch=fetch, convert=convert, cache_name="inception_v3_<source>.npz")
 
 
 if __name__ == "__main__":

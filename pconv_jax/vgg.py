@@ -23,16 +23,11 @@ Cache: `$PCONV_JAX_CACHE`, else `$XDG_CACHE_HOME/pconv_jax`, else `~/.cache/pcon
     python -m pconv_jax.vgg convert path/to/vgg16-397923af.pth
 """
 
-import argparse
-import hashlib
 import importlib.util
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -44,7 +39,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from pconv_jax.errors import UserError
+from pconv_jax import weights
 
 Array = jax.Array
 Variables = dict[str, dict[str, Any]]
@@ -66,25 +61,14 @@ TORCHVISION_STD = (0.229, 0.224, 0.225)
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # Keras "caffe" preprocessing: BGR, on [0, 255], no scaling.
 
 
-@dataclass(frozen=True)
-class Source:
-  """A canonical public weight file and its published checksums (hashlib algorithm -> hex digest)."""
-  url: str
-  checksums: Mapping[str, str]
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit("/", 1)[-1]
-
-
 SOURCES = {
     # torch.hub names files `<name>-<first 8+ hex digits of the SHA-256>.pth`; the full digest (553,433,881 bytes)
     # is the one recorded by several independent projects and starts with that prefix.
-    "torchvision": Source(
+    "torchvision": weights.Source(
         url="https://download.pytorch.org/models/vgg16-397923af.pth",
         checksums={"sha256": "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"}),
     # keras.applications.vgg16 publishes only an MD5 (`file_hash`) for this file.
-    "keras": Source(
+    "keras": weights.Source(
         url=("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
              "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         checksums={"md5": "6d6bbae143d832006294945121d1f1fc"}),
@@ -92,7 +76,7 @@ SOURCES = {
 _SUFFIX_SOURCE = {".pth": "torchvision", ".pt": "torchvision", ".h5": "keras", ".hdf5": "keras", ".npz": "npz"}
 
 
-class VGGWeightsError(UserError, RuntimeError):
+class VGGWeightsError(weights.WeightsError):
   """VGG-16 weights are missing, corrupt or not in the expected layout; the message says what to run."""
 
 
@@ -320,12 +304,7 @@ def load_variables(path: str | os.PathLike) -> Variables:
 # Cache, download and conversion.
 
 
-def cache_dir() -> Path:
-  """$PCONV_JAX_CACHE, else $XDG_CACHE_HOME/pconv_jax, else ~/.cache/pconv_jax."""
-  if os.environ.get("PCONV_JAX_CACHE"):
-    return Path(os.environ["PCONV_JAX_CACHE"]).expanduser()
-  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-  return Path(base).expanduser() / "pconv_jax"
+cache_dir = weights.cache_dir
 
 
 def cached_path(source: str) -> Path:
@@ -364,43 +343,6 @@ def resolve_weights(path: str | os.PathLike | None, *, required: bool) -> Variab
   return None
 
 
-def _file_digests(path: Path) -> dict[str, str]:
-  hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      for h in hashes.values():
-        h.update(chunk)
-  return {name: h.hexdigest() for name, h in hashes.items()}
-
-
-def download(url: str, dest: Path, checksums: Mapping[str, str]) -> dict[str, str]:
-  """Downloads `url` (http(s) or file) to `dest` and returns its digests; refuses a file whose checksums differ.
-
-  `checksums` maps "sha256"/"md5" to the expected hex digest and must not be empty. On any failure nothing is
-  left at `dest`.
-  """
-  if not checksums or not set(checksums) <= {"sha256", "md5"}:
-    raise ValueError(f"download needs expected 'sha256' and/or 'md5' checksums, got {dict(checksums)}")
-  partial = dest.with_name(dest.name + ".part")
-  try:
-    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-      while chunk := response.read(1 << 20):
-        out.write(chunk)
-    digests = _file_digests(partial)
-    wrong = {name: (want.lower(), digests[name]) for name, want in checksums.items() if digests[name] != want.lower()}
-    if wrong:
-      details = "; ".join(f"{name} expected {want}, got {got}" for name, (want, got) in wrong.items())
-      raise VGGWeightsError(
-          f"checksum mismatch for {url} ({details}): refusing to use it. The download is corrupt or not the "
-          "expected file; retry, or if you trust another copy, pass its SHA-256 with --sha256.")
-    os.replace(partial, dest)
-    return digests
-  except (urllib.error.URLError, OSError) as e:
-    raise VGGWeightsError(f"could not download {url}: {e}") from e
-  finally:
-    partial.unlink(missing_ok=True)
-
-
 def fetch(source: str, *, url: str | None = None, sha256: str | None = None) -> Path:
   """Downloads `source`'s canonical file, verifies it, converts it to the compact file in the cache; returns it.
 
@@ -419,7 +361,8 @@ def fetch(source: str, *, url: str | None = None, sha256: str | None = None) -> 
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
     raw = Path(tmp) / spec.filename
-    digests = download(url or spec.url, raw, {"sha256": sha256} if sha256 else spec.checksums)
+    digests = weights.download(url or spec.url, raw, {"sha256": sha256} if sha256 else spec.checksums,
+                               VGGWeightsError)
     save_npz(_LOADERS[source](raw), out, source=source, origin_sha256=digests["sha256"])
   return out
 
@@ -434,39 +377,15 @@ def convert(path: str | os.PathLike, output: str | os.PathLike | None = None) ->
   if source == "npz":
     raise VGGWeightsError(f"{path} is already a compact .npz file; use it directly as config.loss.vgg_weights")
   variables = load_variables(path)
-  digests = _file_digests(path)
-  if any(digests[name] != want for name, want in SOURCES[source].checksums.items()):
-    logging.warning("%s is not the canonical %s (SHA-256 %s); converting it anyway.", path,
-                    SOURCES[source].filename, digests["sha256"])
+  digests = weights.check_canonical(path, SOURCES[source])
   out = Path(output) if output is not None else cached_path(source)
   save_npz(variables, out, source=source, origin_sha256=digests["sha256"])
   return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m pconv_jax.vgg", description="Fetch or convert VGG-16 weights for the PConv loss.",
-      epilog=f"Cache directory: {cache_dir()} (set $PCONV_JAX_CACHE to change it).")
-  commands = parser.add_subparsers(dest="command", required=True)
-  fetch_parser = commands.add_parser("fetch", help="download, verify and convert a canonical weight file")
-  fetch_parser.add_argument("source", choices=sorted(SOURCES))
-  fetch_parser.add_argument("--url", help="download from here instead (a mirror, or file:///path)")
-  fetch_parser.add_argument("--sha256", help="expected SHA-256 of that file, replacing the published checksum")
-  convert_parser = commands.add_parser("convert", help="convert a local .pth or .h5 file")
-  convert_parser.add_argument("path")
-  convert_parser.add_argument("--output", help=f"output .npz (default: {cache_dir()}/vgg16_pool3_<source>.npz)")
-  args = parser.parse_args(argv)
-  try:
-    if args.command == "fetch":
-      print(f"Downloading {args.url or SOURCES[args.source].url} ...", flush=True)
-      out = fetch(args.source, url=args.url, sha256=args.sha256)
-    else:
-      out = convert(args.path, args.output)
-  except VGGWeightsError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(f"Saved VGG-16 weights (conv1_1 ... conv3_3) to {out}")
-  return 0
+  return weights.main(argv, network="VGG-16 (conv1_1 ... conv3_3)", prog="python -m pconv_jax.vgg", sources=SOURCES,
+                      fetch=fetch, convert=convert, cache_name="vgg16_pool3_<source>.npz")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Pretrained weight files shared by the loss (VGG-16) and the evaluation (Inception-v3): the cache directory,
+checksummed downloads, and the `fetch`/`convert` command line. Each network's module says what its files hold."""
+
+import argparse
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from absl import logging
+
+from pconv_jax.errors import UserError
+
+
+class WeightsError(UserError, RuntimeError):
+  """Weights are missing, corrupt or not in the expected layout; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class Source:
+  """A canonical public weight file and its published checksums (hashlib algorithm -> hex digest)."""
+  url: str
+  checksums: Mapping[str, str]
+
+  @property
+  def filename(self) -> str:
+    return self.url.rsplit("/", 1)[-1]
+
+
+def cache_dir() -> Path:
+  """$PCONV_JAX_CACHE, else $XDG_CACHE_HOME/pconv_jax, else ~/.cache/pconv_jax."""
+  if os.environ.get("PCONV_JAX_CACHE"):
+    return Path(os.environ["PCONV_JAX_CACHE"]).expanduser()
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base).expanduser() / "pconv_jax"
+
+
+def file_digests(path: Path) -> dict[str, str]:
+  """SHA-256 and MD5 of a file."""
+  hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False)}
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      for h in hashes.values():
+        h.update(chunk)
+  return {name: h.hexdigest() for name, h in hashes.items()}
+
+
+def download(url: str, dest: Path, checksums: Mapping[str, str],
+             error: type[WeightsError] = WeightsError) -> dict[str, str]:
+  """Downloads `url` (http(s) or file) to `dest` and returns its digests; refuses a file whose checksums differ.
+
+  `checksums` maps "sha256"/"md5" to the expected hex digest and must not be empty. On any failure nothing is
+  left at `dest`, and `error` is raised.
+  """
+  if not checksums or not set(checksums) <= {"sha256", "md5"}:
+    raise ValueError(f"download needs expected 'sha256' and/or 'md5' checksums, got {dict(checksums)}")
+  partial = dest.with_name(dest.name + ".part")
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+      while chunk := response.read(1 << 20):
+        out.write(chunk)
+    digests = file_digests(partial)
+    wrong = {name: (want.lower(), digests[name]) for name, want in checksums.items() if digests[name] != want.lower()}
+    if wrong:
+      details = "; ".join(f"{name} expected {want}, got {got}" for name, (want, got) in wrong.items())
+      raise error(
+          f"checksum mismatch for {url} ({details}): refusing to use it. The download is corrupt or not the "
+          "expected file; retry, or if you trust another copy, pass its SHA-256 with --sha256.")
+    os.replace(partial, dest)
+    return digests
+  except (urllib.error.URLError, OSError) as e:
+    raise error(f"could not download {url}: {e}") from e
+  finally:
+    partial.unlink(missing_ok=True)
+
+
+def check_canonical(path: Path, source: Source) -> dict[str, str]:
+  """The file's digests; warns when it is not the canonical download (it is still used)."""
+  digests = file_digests(path)
+  if any(digests[name] != want for name, want in source.checksums.items()):
+    logging.warning("%s is not the canonical %s (SHA-256 %s); converting it anyway.", path, source.filename,
+                    digests["sha256"])
+  return digests
+
+
+def main(argv: Sequence[str] | None, *, network: str, prog: str, sources: Mapping[str, Source],
+         fetch: Callable[..., Path], convert: Callable[[str, str | None], Path], cache_name: str) -> int:
+  """`fetch SOURCE [--url] [--sha256]` and `convert PATH [--output]` for one network's weights."""
+  parser = argparse.ArgumentParser(
+      prog=prog, description=f"Fetch or convert {network} weights.",
+      epilog=f"Cache directory: {cache_dir()} (set $PCONV_JAX_CACHE to change it).")
+  commands = parser.add_subparsers(dest="command", required=True)
+  fetch_parser = commands.add_parser("fetch", help="download, verify and convert a canonical weight file")
+  fetch_parser.add_argument("source", choices=sorted(sources))
+  fetch_parser.add_argument("--url", help="download from here instead (a mirror, or file:///path)")
+  fetch_parser.add_argument("--sha256", help="expected SHA-256 of that file, replacing the published checksum")
+  convert_parser = commands.add_parser("convert", help="convert a local .pth or .h5 file")
+  convert_parser.add_argument("path")
+  convert_parser.add_argument("--output", help=f"output .npz (default: {cache_dir()}/{cache_name})")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "fetch":
+      print(f"Downloading {args.url or sources[args.source].url} ...", flush=True)
+      out = fetch(args.source, url=args.url, sha256=args.sha256)
+    else:
+      out = convert(args.path, args.output)
+  except WeightsError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"Saved {network} weights to {out}")
+  return 0
