@@ -114,6 +114,18 @@ def test_finetune_step_freezes_encoder_batchnorm_only():
   assert any(train.is_encoder_bn(path) for path in flat_before)
 
 
+def test_bfloat16_activations_train_with_float32_parameters():
+  config = tiny_config.get_config()
+  config.model.dtype = "bfloat16"
+  mesh = parallel.create_mesh()
+  model, state, batches = make_state_and_batches(config, mesh, 2)
+  step = train.make_train_step("initial", config, model, mesh)
+  for batch in batches:
+    state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh), random_vgg_variables())
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
+
+
 def test_nonfinite_update_is_not_applied_and_policy_is_applied():
   config = tiny_config.get_config()
   mesh = parallel.create_mesh()
