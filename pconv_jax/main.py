@@ -30,6 +30,7 @@ flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PRO
 flags.DEFINE_integer("num_cpu_devices", None, "Simulated CPU devices per process (testing on one machine).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+
 def in_managed_cluster() -> bool:
   """True on a multi-host Cloud TPU slice or in a multi-task Slurm job (JAX then finds its peers itself)."""
   tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
