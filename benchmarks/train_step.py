@@ -42,6 +42,8 @@ _CONFIGS = flags.DEFINE_list("configs", ["256:7:1", "256:7:4", "512:8:6"],
                              "Configurations as size:depth:batch (256:7 and 512:8 are the paper's networks).")
 _MODES = flags.DEFINE_list("modes", ["train", "infer"], "train and/or infer.")
 _FEATURES = flags.DEFINE_list("features", None, "Encoder widths (default: the paper's for each depth).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "pconv_jax activation dtype (config.model.dtype); the reference stays float32.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per configuration (at most).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps after compilation.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "Stop timing a configuration after this long (>= 2 steps).")
@@ -144,6 +146,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   from pconv_jax import models, parallel, train  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   config.model.depth, config.model.features = spec["depth"], tuple(spec["features"])
+  config.model.dtype = spec.get("dtype", "float32")
   config.data.image_size, config.optim.batch_size = spec["size"], spec["batch"]
   model = models.create_model(config.model)
   mesh = parallel.create_mesh(1)
@@ -336,7 +339,7 @@ def main(argv: Sequence[str]) -> None:
     for mode in _MODES.value:
       for framework in frameworks:
         spec = {"framework": framework, "mode": mode, "size": size, "depth": depth, "batch": batch,
-                "features": features, **timing}
+                "features": features, "dtype": _DTYPE.value, **timing}
         results.append(summarise(run_in_subprocess(spec), ceiling["gflops"]))
         r = results[-1]
         print(f"{framework} {mode} {size}:{depth}:{batch}: {r['ms_median']:.0f} ms/step, "
