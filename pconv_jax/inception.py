@@ -69,7 +69,6 @@ SOURCES = {
             "inception_v3_weights_tf_dim_ordering_tf_kernels.h5",
         checksums={"md5": "9a0d58056eeedaa3f26cb7ebd46da564"}),
 }
-_SUFFIX_FORMAT = {".pth": "fid", ".pt": "fid", ".h5": "keras", ".hdf5": "keras", ".npz": "npz"}
 
 
 class InceptionWeightsError(weights.WeightsError):
@@ -412,27 +411,15 @@ def load_npz(path: str | os.PathLike) -> Inception:
   return _build(convs, arrays["params/fc/kernel"], arrays["params/fc/bias"], source, where)
 
 
-_LOADERS = {"fid": load_torch_pth, "keras": load_keras_h5, "npz": load_npz}
-
-
-def _format_of(path: Path) -> str:
-  kind = _SUFFIX_FORMAT.get(path.suffix.lower())
-  if kind is None:
-    raise InceptionWeightsError(
-        f"{path}: unknown Inception weight format {path.suffix!r}; expected .npz (this project's), .pth/.pt "
-        f"(pytorch-fid) or .h5/.hdf5 (Keras). Create one with `{fetch_command()}`.")
-  return kind
+FILES = weights.WeightFiles(
+    network="Inception", torch_format="fid", torch_label="pytorch-fid",
+    loaders={"fid": load_torch_pth, "keras": load_keras_h5, "npz": load_npz},
+    config_field="config.eval.inception_weights", fetch_command=fetch_command, error=InceptionWeightsError)
 
 
 def load(path: str | os.PathLike) -> Inception:
   """The network from a .npz, .pth/.pt or .h5/.hdf5 file, chosen by suffix. Raises InceptionWeightsError."""
-  path = Path(path).expanduser()
-  kind = _format_of(path)
-  if not path.is_file():
-    raise InceptionWeightsError(
-        f"Inception weights file {path} does not exist. Run `{fetch_command()}` (or `{fetch_command('keras')}`) "
-        "and leave config.eval.inception_weights unset to use the cache, or point it at an existing file.")
-  return _LOADERS[kind](path)
+  return FILES.load(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,14 +470,14 @@ def fetch(source: str, *, url: str | None = None, sha256: str | None = None) -> 
     raw = Path(tmp) / spec.filename
     digests = weights.download(url or spec.url, raw, {"sha256": sha256} if sha256 else spec.checksums,
                                InceptionWeightsError)
-    save_npz(_LOADERS[source](raw), out, origin_sha256=digests["sha256"])
+    save_npz(FILES.loaders[source](raw), out, origin_sha256=digests["sha256"])
   return out
 
 
 def convert(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
   """Converts a local .pth/.h5 file to the compact file (default: the cache's) and returns the output path."""
   path = Path(path).expanduser()
-  if _format_of(path) == "npz":
+  if FILES.format_of(path) == "npz":
     raise InceptionWeightsError(f"{path} is already a compact .npz file; use it as config.eval.inception_weights")
   network = load(path)
   digests = weights.check_canonical(path, SOURCES[network.source])

@@ -73,7 +73,6 @@ SOURCES = {
              "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
         checksums={"md5": "6d6bbae143d832006294945121d1f1fc"}),
 }
-_SUFFIX_SOURCE = {".pth": "torchvision", ".pt": "torchvision", ".h5": "keras", ".hdf5": "keras", ".npz": "npz"}
 
 
 class VGGWeightsError(weights.WeightsError):
@@ -277,27 +276,15 @@ def load_npz(path: str | os.PathLike) -> Variables:
   return _variables(convs, arrays[f"{NORMALIZATION}/scale"], arrays[f"{NORMALIZATION}/offset"], where, source)
 
 
-_LOADERS = {"torchvision": load_torchvision_pth, "keras": load_keras_h5, "npz": load_npz}
-
-
-def _format_of(path: Path) -> str:
-  kind = _SUFFIX_SOURCE.get(path.suffix.lower())
-  if kind is None:
-    raise VGGWeightsError(
-        f"{path}: unknown VGG-16 weight format {path.suffix!r}; expected .npz (this project's), .pth/.pt "
-        f"(torchvision) or .h5/.hdf5 (Keras). Create one with `{fetch_command()}`.")
-  return kind
+FILES = weights.WeightFiles(
+    network="VGG-16", torch_format="torchvision", torch_label="torchvision",
+    loaders={"torchvision": load_torchvision_pth, "keras": load_keras_h5, "npz": load_npz},
+    config_field="config.loss.vgg_weights", fetch_command=fetch_command, error=VGGWeightsError)
 
 
 def load_variables(path: str | os.PathLike) -> Variables:
   """Variables from a .npz, .pth/.pt or .h5/.hdf5 file, chosen by suffix. Raises VGGWeightsError."""
-  path = Path(path).expanduser()
-  kind = _format_of(path)
-  if not path.is_file():
-    raise VGGWeightsError(
-        f"VGG-16 weights file {path} does not exist. Run `{fetch_command()}` (or `{fetch_command('keras')}`) "
-        "and leave config.loss.vgg_weights unset to use the cache, or point it at an existing file.")
-  return _LOADERS[kind](path)
+  return FILES.load(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +350,7 @@ def fetch(source: str, *, url: str | None = None, sha256: str | None = None) -> 
     raw = Path(tmp) / spec.filename
     digests = weights.download(url or spec.url, raw, {"sha256": sha256} if sha256 else spec.checksums,
                                VGGWeightsError)
-    save_npz(_LOADERS[source](raw), out, source=source, origin_sha256=digests["sha256"])
+    save_npz(FILES.loaders[source](raw), out, source=source, origin_sha256=digests["sha256"])
   return out
 
 
@@ -373,7 +360,7 @@ def convert(path: str | os.PathLike, output: str | os.PathLike | None = None) ->
   A file that differs from the canonical download is converted too, with a warning.
   """
   path = Path(path).expanduser()
-  source = _format_of(path)
+  source = FILES.format_of(path)
   if source == "npz":
     raise VGGWeightsError(f"{path} is already a compact .npz file; use it directly as config.loss.vgg_weights")
   variables = load_variables(path)

@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from absl import logging
 
@@ -29,6 +30,39 @@ class Source:
   @property
   def filename(self) -> str:
     return self.url.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+  """How one network's weight files are read: a loader per format, the format chosen by the file's suffix."""
+  network: str  # e.g. "VGG-16", for messages.
+  torch_format: str  # The format of .pth/.pt files (its loaders key).
+  torch_label: str  # Who publishes those, for messages.
+  loaders: Mapping[str, Callable[[Path], Any]]  # torch_format, "keras" (.h5/.hdf5) and "npz" (this project's).
+  config_field: str  # The config field naming a file.
+  fetch_command: Callable[..., str]  # fetch_command(source="default") -> the shell command to run.
+  error: type[WeightsError]
+
+  def format_of(self, path: Path) -> str:
+    suffixes = {".pth": self.torch_format, ".pt": self.torch_format, ".h5": "keras", ".hdf5": "keras",
+                ".npz": "npz"}
+    kind = suffixes.get(path.suffix.lower())
+    if kind is None:
+      raise self.error(
+          f"{path}: unknown {self.network} weight format {path.suffix!r}; expected .npz (this project's), .pth/.pt "
+          f"({self.torch_label}) or .h5/.hdf5 (Keras). Create one with `{self.fetch_command()}`.")
+    return kind
+
+  def load(self, path: str | os.PathLike) -> Any:
+    """Reads `path` with the loader of its format."""
+    path = Path(path).expanduser()
+    kind = self.format_of(path)
+    if not path.is_file():
+      raise self.error(
+          f"{self.network} weights file {path} does not exist. Run `{self.fetch_command()}` (or "
+          f"`{self.fetch_command('keras')}`) and leave {self.config_field} unset to use the cache, or point it at "
+          "an existing file.")
+    return self.loaders[kind](path)
 
 
 def cache_dir() -> Path:
