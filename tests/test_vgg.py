@@ -222,6 +222,36 @@ def test_bfloat16_features_close_to_float32(weight_files):
     np.testing.assert_allclose(np.asarray(h, np.float32), f, rtol=0.05, atol=0.05 * float(jnp.abs(f).max()))
 
 
+def max_pool_oracle(x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """2x2 stride-2 VALID max pooling and its gradient, sent to each window's first maximum in row-major order."""
+  b, h, w, c = x.shape
+  y, dx = np.zeros(g.shape), np.zeros(x.shape)
+  for n, i, j, k in np.ndindex(*g.shape):
+    window = [(2 * i + di, 2 * j + dj) for di in (0, 1) for dj in (0, 1)]
+    values = [x[n, r, s, k] for r, s in window]
+    r, s = window[int(np.argmax(values))]  # argmax returns the first maximum.
+    y[n, i, j, k], dx[n, r, s, k] = x[n, r, s, k], g[n, i, j, k]
+  return y, dx
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])  # Even, and odd (last row/column dropped).
+def test_max_pool_values_and_gradient_with_ties(shape):
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=shape) * 1.5).clip(0, None)  # ReLU-like: many exact ties, at 0 and above.
+  out_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
+  g = rng.normal(size=out_shape)
+  y, vjp = jax.vjp(vgg.max_pool_2x2, jnp.asarray(x, jnp.float32))
+  (dx,) = vjp(jnp.asarray(g, jnp.float32))
+  want_y, want_dx = max_pool_oracle(x, g)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-6)
+  if _has_torch():  # PyTorch's max_pool2d breaks ties the same way.
+    import torch  # pylint: disable=import-outside-toplevel
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    torch.nn.functional.max_pool2d(xt, 2).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6)
+
+
 def test_random_initialisation_is_refused():
   with pytest.raises(vgg.VGGWeightsError, match="never randomly initialised"):
     vgg.VGG16Features().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
