@@ -18,6 +18,7 @@ carries no gradient, and divides only where the count is positive, so bfloat16 a
 at holes.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,6 +96,88 @@ def mask_update(count: Array, window_size: int, eps: float = 1e-8) -> tuple[Arra
   return ratio, new_mask
 
 
+def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
+           dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+  """`lax.conv_general_dilated` on NHWC `x` and HWIO `kernel`, with faster gradients on CPU.
+
+  The values and gradients are the convolution's. On the CPU backend (undilated kernels), the gradients that
+  XLA:CPU's convolutions compute slowly are computed as matrix products over the kernel's taps instead: the input
+  gradient of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers
+  with at most 8x8, and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisation 8).
+  """
+  padding = normalize_padding(padding)
+  if dilation != (1, 1) or jax.default_backend() != "cpu":
+    return _xla_conv(x, kernel, strides, padding, dilation, precision)
+  if isinstance(padding, str):
+    padding = tuple(map(tuple, lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)))
+  return _conv_cpu(x, kernel, strides, padding, precision)
+
+
+def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str | tuple[tuple[int, int], ...],
+              dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
+                                  dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+
+
+def _matmul_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                 precision: Any = None) -> Array:
+  """The same convolution as one matrix product of the kernel with the input's patches (taps x channels)."""
+  kh, kw, cin, cout = kernel.shape
+  (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  ho, wo = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+  taps = [lax.slice(padded, (0, i, j, 0), (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin),
+                    (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+  return lax.dot_general(jnp.concatenate(taps, axis=-1), kernel.reshape(kh * kw * cin, cout),
+                         (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _output_side_matmul_conv(x: Array, kernel: Array, strides: tuple[int, int],
+                             padding: tuple[tuple[int, int], ...], precision: Any = None) -> Array:
+  """The same convolution as one matrix product of the input with all taps' kernels, then a sum of shifted
+  slices: cheaper than input patches when the layer has few output channels (taps x outputs < inputs)."""
+  kh, kw, cin, cout = kernel.shape
+  (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  ho, wo = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
+  per_tap = lax.dot_general(padded, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout),
+                            (((3,), (0,)), ((), ())), precision=precision)
+  per_tap = per_tap.reshape(padded.shape[:3] + (kh * kw, cout))
+  return sum(lax.slice(per_tap, (0, i, j, i * kw + j, 0),
+                       (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, i * kw + j + 1, cout),
+                       (1, sh, sw, 1, 1))[:, :, :, 0] for i in range(kh) for j in range(kw))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_cpu(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+              precision: Any) -> Array:
+  return _xla_conv(x, kernel, strides, padding, precision=precision)
+
+
+def _conv_cpu_fwd(x, kernel, strides, padding, precision):
+  return _conv_cpu(x, kernel, strides, padding, precision), (x, kernel)
+
+
+def _conv_cpu_bwd(strides, padding, precision, residuals, g):
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  positions = g.shape[1] * g.shape[2]
+  xla, matmul = (functools.partial(conv, strides=strides, padding=padding, precision=precision)
+                 for conv in (_xla_conv, _matmul_conv))
+  if kh * kw * cout < cin:  # E.g. the U-Net's last layer (3 outputs).
+    input_grad = weight_grad = functools.partial(_output_side_matmul_conv, strides=strides, padding=padding,
+                                                 precision=precision)
+  else:
+    input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
+    weight_grad = matmul if positions <= 8 * 8 else xla
+  dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
+  dw = jax.vjp(lambda k: weight_grad(x, k), kernel)[1](g)[0]
+  return dx, dw
+
+
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+
 def partial_conv(
     x: Array,
     mask: Array | None,
@@ -124,9 +207,7 @@ def partial_conv(
   ratio, new_mask = mask_update(count, window_size, eps)
 
   masked = x if mask is None else x * lax.stop_gradient(mask).astype(x.dtype)
-  raw = lax.conv_general_dilated(
-      masked, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
-      dimension_numbers=_DIMENSION_NUMBERS, precision=precision)
+  raw = conv2d(masked, kernel, strides, padding, dilation, precision)
   out = raw.astype(mask_dtype) * ratio
   if bias is not None:
     out = (out + bias.astype(mask_dtype)) * new_mask

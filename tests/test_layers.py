@@ -199,3 +199,38 @@ def test_bad_mask_shapes_are_explained(mask_shape, multi, match):
 def test_bad_padding_is_explained(padding):
   with pytest.raises(ValueError, match="padding must be"):
     layers.normalize_padding(padding)
+
+
+def conv_gradients_oracle(x, w, g, stride, pads):
+  """Input and kernel gradients of sum(g * conv(x, w)) in float64, NHWC / HWIO, from the definition."""
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw = w.shape[:2]
+  oh, ow = g.shape[1:3]
+  dxp, dw = np.zeros_like(xp), np.zeros_like(w)
+  for i, j in itertools.product(range(kh), range(kw)):
+    window = (slice(None), slice(i, i + stride * (oh - 1) + 1, stride), slice(j, j + stride * (ow - 1) + 1, stride))
+    dw[i, j] = np.einsum("nhwc,nhwo->co", xp[window], g)
+    dxp[window] += np.einsum("nhwo,co->nhwc", g, w[i, j])
+  return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2]], dw
+
+
+# Covering both ways each gradient is computed on CPU (XLA's convolution, or matrix products over the taps).
+@pytest.mark.parametrize("size,kernel_size,stride,padding,cin,cout", [
+    (20, 3, 1, "SAME", 5, 4), (12, 3, 1, 1, 5, 4), (6, 3, 1, ((0, 2), (1, 1)), 5, 4), (20, 5, 2, 2, 5, 4),
+    (9, 7, 2, ((3, 2), (1, 3)), 5, 4), (4, 3, 2, "SAME", 5, 4), (20, 3, 1, 1, 40, 3), (11, 3, 2, "SAME", 40, 3)])
+def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, cout):
+  rng = np.random.default_rng([size, kernel_size, stride, cin])
+  x = rng.normal(size=(2, size, size + 1, cin))
+  w = rng.normal(size=(kernel_size, kernel_size, cin, cout))
+  pads = layers.normalize_padding(padding)
+  if isinstance(pads, str):
+    pads = tuple(lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), pads))
+  with jax.enable_x64(True):
+    y, vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, (stride, stride), padding), jnp.asarray(x), jnp.asarray(w))
+    g = rng.normal(size=y.shape)
+    dx, dw = vjp(jnp.asarray(g))
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float64
+  want_dx, want_dw = conv_gradients_oracle(x, w, g, stride, pads)
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
