@@ -18,8 +18,10 @@ carries no gradient, and divides only where the count is positive, so bfloat16 a
 at holes.
 """
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -94,6 +96,25 @@ def mask_update(count: Array, window_size: int, eps: float = 1e-8) -> tuple[Arra
   safe = jnp.where(count > 0, count, 1.0)
   ratio = jnp.where(count > 0, window_size / (safe + eps), 0.0) * new_mask
   return ratio, new_mask
+
+
+_BATCH_SHARDS: contextvars.ContextVar[int | None] = contextvars.ContextVar("batch_shards", default=None)
+
+
+@contextlib.contextmanager
+def batch_shards(shards: int) -> Iterator[None]:
+  """Declares, while tracing, that the batch is split over `shards` devices (1: not split).
+
+  On CPU, `conv2d` then computes the weight gradients of layers with at least 64x64 outputs one image per device
+  at a time and sums them: XLA:CPU's weight-gradient convolution slows down with the batch there (1.3-4.4x at
+  batch 6, benchmarks/RESULTS.md). Without this declaration the batch's layout is unknown, and the gradient is
+  one batched convolution.
+  """
+  token = _BATCH_SHARDS.set(shards)
+  try:
+    yield
+  finally:
+    _BATCH_SHARDS.reset(token)
 
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
@@ -171,8 +192,27 @@ def _conv_cpu_bwd(strides, padding, precision, residuals, g):
     input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
     weight_grad = matmul if positions <= 8 * 8 else xla
   dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
-  dw = jax.vjp(lambda k: weight_grad(x, k), kernel)[1](g)[0]
+  shards = _BATCH_SHARDS.get()
+  if weight_grad is xla and positions >= 64 * 64 and shards and x.shape[0] % shards == 0 and x.shape[0] > shards:
+    dw = _weight_grad_by_image(x, kernel, g, xla, shards)
+  else:
+    dw = jax.vjp(lambda k: weight_grad(x, k), kernel)[1](g)[0]
   return dx, dw
+
+
+def _weight_grad_by_image(x: Array, kernel: Array, g: Array, conv: Any, shards: int,
+                          max_chunks: int = 8) -> Array:
+  """Sum of `conv`'s weight gradients over chunks of one image per device (at most `max_chunks` chunks).
+
+  The batch is viewed as (shards, images per device): chunk j takes image j of every device, so it stays split
+  over the same devices and each device convolves only its own images."""
+  per_device = x.shape[0] // shards
+  chunks = max(n for n in range(1, min(per_device, max_chunks) + 1) if per_device % n == 0)
+  size = per_device // chunks
+  xs, gs = (a.reshape((shards, chunks, size) + a.shape[1:]) for a in (x, g))
+  grads = [jax.vjp(lambda k: conv(xs[:, j].reshape((-1,) + x.shape[1:]), k), kernel)[1](
+      gs[:, j].reshape((-1,) + g.shape[1:]))[0] for j in range(chunks)]
+  return sum(grads)
 
 
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)

@@ -24,7 +24,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from pconv_jax import checkpoints, evaluate, input_pipeline, losses, masks, models, parallel, vgg
+from pconv_jax import checkpoints, evaluate, input_pipeline, layers, losses, masks, models, parallel, vgg
 from pconv_jax.errors import ConfigError
 from pconv_jax.metric_writer import MetricWriter
 
@@ -316,7 +316,12 @@ def make_train_step(stage: str, config: ml_collections.ConfigDict, model: models
       train_step, model=model.clone(freeze_encoder_bn=frozen), tx=create_optimizer(stage, config),
       loss_weights={name: float(config.loss[name]) for name in losses.TERMS}, frozen_encoder_bn=frozen)
   replicated = parallel.replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+
+  def step_on_mesh(*args):
+    with layers.batch_shards(mesh.size):
+      return step_fn(*args)
+
+  return jax.jit(step_on_mesh, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 

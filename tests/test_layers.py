@@ -234,3 +234,26 @@ def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, 
   want_dx, want_dw = conv_gradients_oracle(x, w, g, stride, pads)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_conv2d_weight_gradient_by_image_matches_oracle(devices):
+  """With the batch declared split over `devices`, large layers' weight gradients are summed image by image."""
+  rng = np.random.default_rng(devices)
+  x, w = rng.normal(size=(4, 64, 64, 3)), rng.normal(size=(3, 3, 3, 2))
+  g = rng.normal(size=(4, 64, 64, 2))
+  mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  def grads(x, w, g):
+    with layers.batch_shards(devices):
+      return jax.vjp(lambda x, w: layers.conv2d(x, w, (1, 1), "SAME"), x, w)[1](g)
+
+  with jax.enable_x64(True):
+    step = jax.jit(grads, in_shardings=(batch, None, batch))
+    dx, dw = step(*(jnp.asarray(a) for a in (x, w, g)))
+    # One input-gradient convolution, and one weight-gradient convolution per image of each device.
+    assert step.lower(x, w, g).as_text().count("stablehlo.convolution") == 1 + 4 // devices
+  want_dx, want_dw = conv_gradients_oracle(x, w, g, 1, ((1, 1), (1, 1)))
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
