@@ -78,11 +78,19 @@ def valid_count(
   `conv(mask, ones(1, 1, kh, kw))` (single-channel). A one-channel mask given to a multi-channel layer stands
   for the same mask on all `in_features` channels.
   """
-  mask = lax.stop_gradient(mask).astype(dtype)
-  channel_sum = jnp.sum(mask, axis=-1, keepdims=True)
-  if multi_channel and mask.shape[-1] == 1:
-    channel_sum = channel_sum * in_features
-  ones = jnp.ones(kernel_size + (1, 1), dtype)
+  return _window_sum(_channel_sum(mask, in_features, multi_channel, dtype), kernel_size, strides, padding,
+                     dilation)
+
+
+def _channel_sum(mask: Array, channels: int, multi_channel: bool, dtype: Any) -> Array:
+  """Valid elements per pixel, (B, H, W, 1), of a mask covering `channels` input channels."""
+  channel_sum = jnp.sum(lax.stop_gradient(mask).astype(dtype), axis=-1, keepdims=True)
+  return channel_sum * channels if multi_channel and mask.shape[-1] == 1 else channel_sum
+
+
+def _window_sum(channel_sum: Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding,
+                dilation: tuple[int, int]) -> Array:
+  ones = jnp.ones(kernel_size + (1, 1), channel_sum.dtype)
   # HIGHEST precision: counts reach Cin*kh*kw (e.g. 9216) and must stay exact on TPU/GPU, where the default
   # float32 convolution precision rounds inputs to bfloat16/TF32.
   return lax.conv_general_dilated(
@@ -219,8 +227,8 @@ _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 
 def partial_conv(
-    x: Array,
-    mask: Array | None,
+    x: Array | Sequence[Array],
+    mask: Array | None | Sequence[Array | None],
     kernel: Array,
     bias: Array | None,
     *,
@@ -235,24 +243,37 @@ def partial_conv(
 
   `mask=None` means every input pixel is valid (the window counts still see the zero padding as holes, as in
   the reference). The output has x's dtype; the mask path runs in float32, or float64 for float64 inputs.
+
+  With `multi_channel`, `x` may be a list of channel blocks and `mask` the list of their masks (each one-channel,
+  per-channel or None): the same result as concatenating the blocks and their per-channel masks, without
+  building that wide mask (a U-Net decoder's upsampled features and skip connection).
   """
   kh, kw, in_features, _ = kernel.shape
-  _check_shapes(x, mask, in_features, multi_channel)
+  blocks, masks = (list(x), list(mask)) if isinstance(x, (list, tuple)) else ([x], [mask])
+  if len(blocks) > 1 and not multi_channel:
+    raise ValueError("channel blocks (a list of inputs and masks) need multi_channel=True")
+  if len(masks) != len(blocks) or sum(b.shape[-1] for b in blocks) != in_features:
+    raise ValueError(f"the kernel takes {in_features} input channels; got inputs of shapes "
+                     f"{[b.shape for b in blocks]} with {len(masks)} mask(s)")
+  for block, block_mask in zip(blocks, masks):
+    _check_shapes(block, block_mask, block.shape[-1], multi_channel)
   window_size = kh * kw * (in_features if multi_channel else 1)
   padding = normalize_padding(padding)
 
-  mask_dtype = jnp.promote_types(x.dtype, jnp.float32)
-  count_mask = jnp.ones((1,) + x.shape[1:3] + (1,), mask_dtype) if mask is None else mask
-  count = valid_count(count_mask, (kh, kw), strides, padding, dilation, in_features, multi_channel, mask_dtype)
+  mask_dtype = jnp.promote_types(blocks[0].dtype, jnp.float32)
+  channel_sum = sum(_channel_sum(jnp.ones((1,) + b.shape[1:3] + (1,), mask_dtype) if m is None else m,
+                                 b.shape[-1], multi_channel, mask_dtype) for b, m in zip(blocks, masks))
+  count = _window_sum(channel_sum, (kh, kw), strides, padding, dilation)
   ratio, new_mask = mask_update(count, window_size, eps)
 
-  masked = x if mask is None else x * lax.stop_gradient(mask).astype(x.dtype)
+  masked = [b if m is None else b * lax.stop_gradient(m).astype(b.dtype) for b, m in zip(blocks, masks)]
+  masked = masked[0] if len(masked) == 1 else jnp.concatenate(masked, axis=-1)
   raw = conv2d(masked, kernel, strides, padding, dilation, precision)
   out = raw.astype(mask_dtype) * ratio
   if bias is not None:
     out = (out + bias.astype(mask_dtype)) * new_mask
-  new_mask = jnp.broadcast_to(new_mask, (x.shape[0],) + new_mask.shape[1:])
-  return out.astype(x.dtype), new_mask
+  new_mask = jnp.broadcast_to(new_mask, (masked.shape[0],) + new_mask.shape[1:])
+  return out.astype(masked.dtype), new_mask
 
 
 def _check_shapes(x: Array, mask: Array | None, in_features: int, multi_channel: bool) -> None:
@@ -270,7 +291,8 @@ def _check_shapes(x: Array, mask: Array | None, in_features: int, multi_channel:
 
 
 class PartialConv(nn.Module):
-  """Partial convolution layer, NHWC. Called as `y, new_mask = layer(x, mask=None)`.
+  """Partial convolution layer, NHWC. Called as `y, new_mask = layer(x, mask=None)`, or with lists of channel
+  blocks and their masks (multi-channel layers; see `partial_conv`).
 
   Attributes:
     features: number of output channels.
@@ -301,11 +323,15 @@ class PartialConv(nn.Module):
   bias_init: Any = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None) -> tuple[Array, Array]:
+  def __call__(self, x: Array | Sequence[Array],
+               mask: Array | None | Sequence[Array | None] = None) -> tuple[Array, Array]:
     kernel_size = _pair(self.kernel_size, "kernel_size")
-    kernel = self.param("kernel", self.kernel_init, kernel_size + (x.shape[-1], self.features), self.param_dtype)
+    blocks = list(x) if isinstance(x, (list, tuple)) else [x]
+    in_features = sum(b.shape[-1] for b in blocks)
+    kernel = self.param("kernel", self.kernel_init, kernel_size + (in_features, self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    *blocks, kernel, bias = promote_dtype(*blocks, kernel, bias, dtype=self.dtype)
+    x = blocks if isinstance(x, (list, tuple)) else blocks[0]
     return partial_conv(
         x, mask, kernel, bias, strides=_pair(self.strides, "strides"), padding=self.padding,
         dilation=_pair(self.dilation, "dilation"), multi_channel=self.multi_channel, eps=self.eps,

@@ -43,7 +43,8 @@ class PConvBlock(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None, train: bool) -> tuple[Array, Array | None]:
+  def __call__(self, x: Array | list[Array], mask: Array | None | list[Array | None],
+               train: bool) -> tuple[Array, Array | None]:
     padding = self.kernel_size // 2
     if self.partial:
       x, mask = PartialConv(self.features, self.kernel_size, self.strides, padding, use_bias=self.use_bias,
@@ -92,20 +93,15 @@ class Decoder(nn.Module):
     for i in range(len(levels) - 1, 0, -1):
       skip_x, skip_mask = levels[i - 1]
       up = upsample2x(x)
-      x = jnp.concatenate([up, skip_x], axis=-1)
-      if self.partial:
-        mask = jnp.concatenate([_channels(upsample2x(mask), up.shape[-1]),
-                                _channels(skip_mask, skip_x.shape[-1])], axis=-1)
+      if self.partial:  # Channel blocks with their own masks: the same as concatenating both (see PartialConv).
+        x, mask = [up, skip_x], [upsample2x(mask), skip_mask]
+      else:
+        x = jnp.concatenate([up, skip_x], axis=-1)
       last = i == 1
       x, mask = PConvBlock(self.out_channels if last else self.features[i - 2], 3, strides=1, use_bn=not last,
                            activation=None if last else "leaky_relu", use_bias=last, partial=self.partial,
                            dtype=self.dtype, name=f"block_{i}")(x, mask, train)
     return x
-
-
-def _channels(mask: Array, channels: int) -> Array:
-  """The per-channel mask of a `channels`-wide tensor (a one-channel mask stands for all of them)."""
-  return jnp.broadcast_to(mask, mask.shape[:-1] + (channels,)) if mask.shape[-1] == 1 else mask
 
 
 class PUNet(nn.Module):

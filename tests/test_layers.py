@@ -257,3 +257,42 @@ def test_conv2d_weight_gradient_by_image_matches_oracle(devices):
   want_dx, want_dw = conv_gradients_oracle(x, w, g, 1, ((1, 1), (1, 1)))
   np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
+
+
+def test_channel_blocks_equal_the_concatenated_input_and_mask():
+  rng = np.random.default_rng(5)
+  up, skip = rng.normal(size=(2, 12, 10, 4)), rng.normal(size=(2, 12, 10, 3))
+  up_mask = (rng.random((2, 12, 10, 1)) > 0.3).astype(np.float64)
+  kernel, bias = rng.normal(size=(3, 3, 7, 5)), rng.normal(size=(5,))
+  for skip_mask in (None, (rng.random((2, 12, 10, 1)) > 0.5) * 1.0, (rng.random((1, 12, 10, 3)) > 0.5) * 1.0):
+    whole_mask = np.concatenate([np.broadcast_to(up_mask, up.shape), np.broadcast_to(
+        np.ones((1, 12, 10, 1)) if skip_mask is None else skip_mask, skip.shape)], axis=-1)
+    with jax.enable_x64(True):
+      def blocks(up, skip, kernel):
+        return layers.partial_conv([up, skip], [up_mask, skip_mask], kernel, bias, padding=1, multi_channel=True)
+
+      def whole(up, skip, kernel):
+        return layers.partial_conv(jnp.concatenate([up, skip], -1), whole_mask, kernel, bias, padding=1,
+                                   multi_channel=True)
+
+      for fn in (blocks, whole):  # Each against the oracle; their gradients against each other.
+        out, new_mask = fn(up, skip, kernel)
+        want, want_mask = reference_partial_conv(
+            np.concatenate([up, skip], -1).transpose(0, 3, 1, 2), whole_mask.transpose(0, 3, 1, 2),
+            kernel.transpose(3, 2, 0, 1), bias, 1, ((1, 1), (1, 1)), 1, True)
+        np.testing.assert_allclose(out, want.transpose(0, 2, 3, 1), rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(new_mask[..., 0], want_mask.transpose(0, 2, 3, 1)[..., 0])
+      loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)[0]))  # noqa: E731
+      for got, want in zip(jax.grad(loss(blocks), (0, 1, 2))(up, skip, kernel),
+                           jax.grad(loss(whole), (0, 1, 2))(up, skip, kernel)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_channel_blocks_are_explained():
+  x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 4, 1))
+  with pytest.raises(ValueError, match="multi_channel=True"):
+    layers.partial_conv([x, x], [None, None], kernel, None, padding=1)
+  with pytest.raises(ValueError, match="takes 4 input channels"):
+    layers.partial_conv([x, x, x], [None, None, None], jnp.ones((3, 3, 4, 1)), None, padding=1, multi_channel=True)
+  with pytest.raises(ValueError, match="does not fit"):
+    layers.partial_conv([x, x], [None, jnp.ones((1, 4, 4, 1))], kernel, None, padding=1, multi_channel=True)
