@@ -132,7 +132,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
   The values and gradients are the convolution's. On the CPU backend (undilated kernels), the gradients that
   XLA:CPU's convolutions compute slowly are computed as matrix products over the kernel's taps instead: the input
   gradient of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers
-  with at most 8x8, and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisation 8).
+  with at most 8x8, and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9).
   """
   padding = normalize_padding(padding)
   if dilation != (1, 1) or jax.default_backend() != "cpu":
@@ -183,11 +183,13 @@ def _conv_cpu(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[
   return _xla_conv(x, kernel, strides, padding, precision=precision)
 
 
-def _conv_cpu_fwd(x, kernel, strides, padding, precision):
+def _conv_cpu_fwd(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                  precision: Any) -> tuple[Array, tuple[Array, Array]]:
   return _conv_cpu(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _conv_cpu_bwd(strides, padding, precision, residuals, g):
+def _conv_cpu_bwd(strides: tuple[int, int], padding: tuple[tuple[int, int], ...], precision: Any,
+                  residuals: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
   x, kernel = residuals
   kh, kw, cin, cout = kernel.shape
   positions = g.shape[1] * g.shape[2]
@@ -249,7 +251,11 @@ def partial_conv(
   building that wide mask (a U-Net decoder's upsampled features and skip connection).
   """
   kh, kw, in_features, _ = kernel.shape
-  blocks, masks = (list(x), list(mask)) if isinstance(x, (list, tuple)) else ([x], [mask])
+  is_blocks = isinstance(x, (list, tuple))
+  if isinstance(mask, (list, tuple)) and not is_blocks:
+    raise ValueError("a list of masks needs a list of input channel blocks, one per mask")
+  blocks = list(x) if is_blocks else [x]
+  masks = ([None] * len(blocks) if mask is None else list(mask)) if is_blocks else [mask]
   if len(blocks) > 1 and not multi_channel:
     raise ValueError("channel blocks (a list of inputs and masks) need multi_channel=True")
   if len(masks) != len(blocks) or sum(b.shape[-1] for b in blocks) != in_features:

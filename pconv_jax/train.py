@@ -317,7 +317,7 @@ def make_train_step(stage: str, config: ml_collections.ConfigDict, model: models
       loss_weights={name: float(config.loss[name]) for name in losses.TERMS}, frozen_encoder_bn=frozen)
   replicated = parallel.replicated(mesh)
 
-  def step_on_mesh(*args):
+  def step_on_mesh(*args: Any) -> tuple[TrainState, dict[str, jax.Array]]:
     with layers.batch_shards(mesh.size):
       return step_fn(*args)
 

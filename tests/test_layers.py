@@ -296,3 +296,5 @@ def test_bad_channel_blocks_are_explained():
     layers.partial_conv([x, x, x], [None, None, None], jnp.ones((3, 3, 4, 1)), None, padding=1, multi_channel=True)
   with pytest.raises(ValueError, match="does not fit"):
     layers.partial_conv([x, x], [None, jnp.ones((1, 4, 4, 1))], kernel, None, padding=1, multi_channel=True)
+  with pytest.raises(ValueError, match="list of input channel blocks"):
+    layers.partial_conv(jnp.ones((1, 8, 8, 4)), [None, None], kernel, None, padding=1, multi_channel=True)
