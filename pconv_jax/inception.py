@@ -310,19 +310,10 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], where: str = "state dic
 
 def load_torch_pth(path: str | os.PathLike) -> Inception:
   """The FID network from `pt_inception-2015-12-05-6726825d.pth` (read with PyTorch, imported only here)."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel  (optional, heavy: only for .pth files)
-  except ImportError as e:
-    raise InceptionWeightsError(
-        f"reading {path} needs PyTorch, which is not installed: `pip install torch` (the CPU wheel is enough), "
-        f"or use the Keras weights instead: `{fetch_command('keras')}`") from e
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for a corrupt or non-tensor file.
-    raise _error(str(path), f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from e
-  if not isinstance(state_dict, Mapping):
-    raise _error(str(path), f"holds a {type(state_dict).__name__}, not a state dict")
-  return from_torch_state_dict(state_dict, str(path))
+  missing_torch = InceptionWeightsError(
+      f"reading {path} needs PyTorch, which is not installed: `pip install torch` (the CPU wheel is enough), "
+      f"or use the Keras weights instead: `{fetch_command('keras')}`")
+  return from_torch_state_dict(weights.read_torch_state_dict(path, missing_torch, _error), str(path))
 
 
 def _numbered_groups(root: h5py.Group, base: str) -> list[h5py.Group]:

@@ -232,19 +232,10 @@ def from_torchvision_state_dict(state_dict: Mapping[str, Any], where: str = "sta
 
 def load_torchvision_pth(path: str | os.PathLike) -> Variables:
   """Variables from torchvision's `vgg16-397923af.pth` (or any VGG-16 state dict saved with `torch.save`)."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel  (optional, heavy: only for .pth files)
-  except ImportError as e:
-    raise VGGWeightsError(
-        f"reading {path} needs PyTorch, which is not installed: `pip install torch` (the CPU wheel is enough), "
-        f"or use the Keras weights instead: `{fetch_command('keras')}`") from e
-  try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for a corrupt or non-tensor file.
-    raise _error(str(path), f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from e
-  if not isinstance(state_dict, Mapping):
-    raise _error(str(path), f"holds a {type(state_dict).__name__}, not a state dict")
-  return from_torchvision_state_dict(state_dict, str(path))
+  missing_torch = VGGWeightsError(
+      f"reading {path} needs PyTorch, which is not installed: `pip install torch` (the CPU wheel is enough), "
+      f"or use the Keras weights instead: `{fetch_command('keras')}`")
+  return from_torchvision_state_dict(weights.read_torch_state_dict(path, missing_torch, _error), str(path))
 
 
 def load_keras_h5(path: str | os.PathLike) -> Variables:

@@ -65,6 +65,24 @@ class WeightFiles:
     return self.loaders[kind](path)
 
 
+def read_torch_state_dict(path: str | os.PathLike, missing_torch: WeightsError,
+                          unreadable: Callable[[str, str], WeightsError]) -> Mapping[str, Any]:
+  """The state dict in a `torch.save` file, read with PyTorch (imported only here: optional and heavy).
+
+  Raises `missing_torch` without PyTorch, and `unreadable(path, problem)` for a file that is not a state dict."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise missing_torch from e
+  try:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for a corrupt or non-tensor file.
+    raise unreadable(str(path), f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from e
+  if not isinstance(state_dict, Mapping):
+    raise unreadable(str(path), f"holds a {type(state_dict).__name__}, not a state dict")
+  return state_dict
+
+
 def cache_dir() -> Path:
   """$PCONV_JAX_CACHE, else $XDG_CACHE_HOME/pconv_jax, else ~/.cache/pconv_jax."""
   if os.environ.get("PCONV_JAX_CACHE"):
