@@ -10,7 +10,8 @@ Every configuration (framework x mode x size x batch) runs in its own subprocess
 process's RSS high-water mark, `ru_maxrss`, or the device's `peak_bytes_in_use` where JAX reports it) is its
 own. Before each one the script waits (up to --max_wait s) until other processes use less than --max_busy cores,
 and records that load. Times are the median (and min-max) of up to --repeats steps after --warmup steps, fewer
-when the steps exceed --max_seconds (at least 2).
+when the steps exceed --max_seconds (at least 2). Workers of both frameworks run with glibc's transparent huge
+pages on (as pconv_jax's entry points run, pconv_jax/hugepages.py), or both off with --nohuge_pages.
 
 Useful FLOPs are counted from the convolutions' shapes (2 FLOPs per multiply-add, the same count for both
 frameworks): the network's data convolutions (forward; a train step adds their input and weight gradients,
@@ -36,6 +37,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from pconv_jax import hugepages
 from pconv_jax.models import paper_features
 
 _CONFIGS = flags.DEFINE_list("configs", ["256:7:1", "256:7:4", "512:8:6"],
@@ -52,6 +54,8 @@ _MATMUL = flags.DEFINE_integer("matmul_size", 2048, "n of the n x n x n float32 
 _JSON = flags.DEFINE_string("json", "benchmarks/results.json", "Where to write the results.")
 _MAX_BUSY = flags.DEFINE_float("max_busy", 0.5, "Wait while other processes use more cores than this.")
 _MAX_WAIT = flags.DEFINE_float("max_wait", 300.0, "Longest wait for a quiet machine per configuration, s.")
+_HUGE_PAGES = flags.DEFINE_bool("huge_pages", True, "Run both frameworks' workers with glibc.malloc.hugetlb=1 "
+                                 "(else =0): transparent huge pages for large buffers.")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: run one configuration given as JSON, print JSON.")
 
 JAX, TORCH = "pconv_jax", "torch"
@@ -259,10 +263,17 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
   return busy
 
 
+def worker_environment(huge_pages: bool) -> dict[str, str]:
+  """This process's environment with glibc's huge-page tunable set to `huge_pages`, the others kept."""
+  kept = [item for item in os.environ.get(hugepages.VARIABLE, "").split(":")
+          if item and item.split("=", 1)[0] != hugepages.TUNABLE]
+  return {**os.environ, hugepages.VARIABLE: ":".join(kept + [f"{hugepages.TUNABLE}={int(huge_pages)}"])}
+
+
 def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
   busy = wait_for_quiet(_MAX_BUSY.value, _MAX_WAIT.value)
   proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--worker={json.dumps(spec)}"],
-                        capture_output=True, text=True, check=False)
+                        capture_output=True, text=True, check=False, env=worker_environment(_HUGE_PAGES.value))
   if proc.returncode:
     raise RuntimeError(f"benchmark worker {spec} failed:\n{proc.stderr[-4000:]}")
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -349,6 +360,7 @@ def main(argv: Sequence[str]) -> None:
   command = "python -m benchmarks.train_step " + " ".join(sys.argv[1:])
   with open(_JSON.value, "w") as f:
     json.dump({"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu_count": os.cpu_count(),
+               "huge_pages": _HUGE_PAGES.value,
                "ceiling": ceiling, "results": results, "table": table}, f, indent=1)
 
 

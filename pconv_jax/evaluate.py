@@ -36,7 +36,8 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from pconv_jax import baselines, checkpoints, inception, input_pipeline, masks, metrics, models, parallel
+from pconv_jax import (baselines, checkpoints, hugepages, inception, input_pipeline, masks, metrics, models,
+                       parallel)
 from pconv_jax.errors import ConfigError, UserError
 
 MODEL_METHOD = "pconv"
@@ -361,4 +362,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepages.reexec_with_huge_pages()
   main()

@@ -90,12 +90,20 @@ def _channel_sum(mask: Array, channels: int, multi_channel: bool, dtype: Any) ->
 
 def _window_sum(channel_sum: Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Padding,
                 dilation: tuple[int, int]) -> Array:
-  ones = jnp.ones(kernel_size + (1, 1), channel_sum.dtype)
-  # HIGHEST precision: counts reach Cin*kh*kw (e.g. 9216) and must stay exact on TPU/GPU, where the default
-  # float32 convolution precision rounds inputs to bfloat16/TF32.
-  return lax.conv_general_dilated(
-      channel_sum, ones, window_strides=strides, padding=normalize_padding(padding), rhs_dilation=dilation,
-      dimension_numbers=_DIMENSION_NUMBERS, precision=lax.Precision.HIGHEST)
+  """Sum of `channel_sum` (B, H, W, 1) over each output's kernel window (zero padding), (B, H', W', 1).
+
+  A box filter, separable: sums of shifted strided slices along H, then along W. Exact for the integer counts
+  it sees (float32 up to 2^24), and 10-30x faster on CPU than a convolution with a ones kernel.
+  """
+  if isinstance(padding := normalize_padding(padding), str):
+    window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+    padding = lax.padtype_to_pads(channel_sum.shape[1:3], window, strides, padding)
+  summed = jnp.pad(channel_sum, ((0, 0), *padding, (0, 0)))
+  for axis, taps, stride, step in zip((1, 2), kernel_size, strides, dilation):
+    out = (summed.shape[axis] - (taps - 1) * step - 1) // stride + 1
+    summed = sum(lax.slice_in_dim(summed, i * step, i * step + stride * (out - 1) + 1, stride, axis)
+                 for i in range(taps))
+  return summed
 
 
 def mask_update(count: Array, window_size: int, eps: float = 1e-8) -> tuple[Array, Array]:
@@ -161,20 +169,29 @@ def _matmul_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tup
                          (((3,), (0,)), ((), ())), precision=precision)
 
 
-def _output_side_matmul_conv(x: Array, kernel: Array, strides: tuple[int, int],
-                             padding: tuple[tuple[int, int], ...], precision: Any = None) -> Array:
-  """The same convolution as one matrix product of the input with all taps' kernels, then a sum of shifted
-  slices: cheaper than input patches when the layer has few output channels (taps x outputs < inputs)."""
+def _output_side_gradients(x: Array, kernel: Array, g: Array, strides: tuple[int, int],
+                           padding: tuple[tuple[int, int], ...], precision: Any = None) -> tuple[Array, Array]:
+  """Input and weight gradients through per-tap products, for layers with few output channels.
+
+  `g` is placed, for each kernel tap, at the padded input positions that tap reads: a (positions, taps x outputs)
+  matrix, narrow when taps x outputs < inputs. Both gradients are then one matrix product each with it, instead
+  of products over the wide input patches (the U-Net's last layer: 67 inputs, 9 x 3 taps x outputs).
+  """
   kh, kw, cin, cout = kernel.shape
   (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  ho, wo = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
-  per_tap = lax.dot_general(padded, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout),
-                            (((3,), (0,)), ((), ())), precision=precision)
-  per_tap = per_tap.reshape(padded.shape[:3] + (kh * kw, cout))
-  return sum(lax.slice(per_tap, (0, i, j, i * kw + j, 0),
-                       (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, i * kw + j + 1, cout),
-                       (1, sh, sw, 1, 1))[:, :, :, 0] for i in range(kh) for j in range(kw))
+  batch, hp, wp, _ = padded.shape
+  ho, wo = g.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  per_tap = jnp.stack([
+      lax.pad(g, zero, ((0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1), (j, wp - j - sw * (wo - 1) - 1, sw - 1),
+                        (0, 0, 0)))
+      for i in range(kh) for j in range(kw)], axis=3).reshape(-1, kh * kw * cout)
+  taps_kernel = kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+  dx = lax.dot_general(per_tap, taps_kernel, (((1,), (1,)), ((), ())), precision=precision)
+  dx = dx.reshape(batch, hp, wp, cin)[:, top:top + x.shape[1], left:left + x.shape[2]]
+  dw = lax.dot_general(padded.reshape(-1, cin), per_tap, (((0,), (0,)), ((), ())), precision=precision)
+  return dx, dw.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -196,11 +213,9 @@ def _conv_cpu_bwd(strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
   xla, matmul = (functools.partial(conv, strides=strides, padding=padding, precision=precision)
                  for conv in (_xla_conv, _matmul_conv))
   if kh * kw * cout < cin:  # E.g. the U-Net's last layer (3 outputs).
-    input_grad = weight_grad = functools.partial(_output_side_matmul_conv, strides=strides, padding=padding,
-                                                 precision=precision)
-  else:
-    input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
-    weight_grad = matmul if positions <= 8 * 8 else xla
+    return _output_side_gradients(x, kernel, g, strides, padding, precision)
+  input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
+  weight_grad = matmul if positions <= 8 * 8 else xla
   dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
   shards = _BATCH_SHARDS.get()
   if weight_grad is xla and positions >= 64 * 64 and shards and x.shape[0] % shards == 0 and x.shape[0] > shards:

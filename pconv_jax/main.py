@@ -13,7 +13,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from pconv_jax import evaluate, train
+from pconv_jax import evaluate, hugepages, train
 from pconv_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -67,4 +67,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hugepages.reexec_with_huge_pages()
   app.run(main)
