@@ -140,7 +140,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
   The values and gradients are the convolution's. On the CPU backend (undilated kernels), the gradients that
   XLA:CPU's convolutions compute slowly are computed as matrix products over the kernel's taps instead: the input
   gradient of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers
-  with at most 8x8, and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9).
+  with at most 8x8, and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9, 18).
   """
   padding = normalize_padding(padding)
   if dilation != (1, 1) or jax.default_backend() != "cpu":

@@ -201,6 +201,16 @@ def test_bad_padding_is_explained(padding):
     layers.normalize_padding(padding)
 
 
+def conv_oracle(x, w, stride, pads):
+  """conv(x, w) in float64, NHWC / HWIO, from the definition (a sum over the kernel's taps)."""
+  (pt, pb), (pl, pr) = pads
+  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw = w.shape[:2]
+  oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  return sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride],
+                       w[i, j]) for i, j in itertools.product(range(kh), range(kw)))
+
+
 def conv_gradients_oracle(x, w, g, stride, pads):
   """Input and kernel gradients of sum(g * conv(x, w)) in float64, NHWC / HWIO, from the definition."""
   (pt, pb), (pl, pr) = pads
@@ -215,7 +225,8 @@ def conv_gradients_oracle(x, w, g, stride, pads):
   return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2]], dw
 
 
-# Covering both ways each gradient is computed on CPU (XLA's convolution, or matrix products over the taps).
+# Covering both ways each gradient is computed on CPU (XLA's convolution, or matrix products over the taps),
+# and the forward against its own oracle.
 @pytest.mark.parametrize("size,kernel_size,stride,padding,cin,cout", [
     (20, 3, 1, "SAME", 5, 4), (12, 3, 1, 1, 5, 4), (6, 3, 1, ((0, 2), (1, 1)), 5, 4), (20, 5, 2, 2, 5, 4),
     (9, 7, 2, ((3, 2), (1, 3)), 5, 4), (4, 3, 2, "SAME", 5, 4), (20, 3, 1, 1, 40, 3), (11, 3, 2, "SAME", 40, 3)])
@@ -232,6 +243,7 @@ def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, 
     dx, dw = vjp(jnp.asarray(g))
     assert y.dtype == dx.dtype == dw.dtype == jnp.float64
   want_dx, want_dw = conv_gradients_oracle(x, w, g, stride, pads)
+  np.testing.assert_allclose(y, conv_oracle(x, w, stride, pads), rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
 
