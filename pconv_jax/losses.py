@@ -55,11 +55,32 @@ def perceptual_loss(features: Sequence[Array], target_features: Sequence[Array])
 
 
 def gram(features: Array) -> Array:
-  """(B, C, C) Gram matrices of (B, H, W, C) features divided by C*H*W, accumulated in float32."""
+  """(B, C, C) Gram matrices of (B, H, W, C) features divided by C*H*W, accumulated in float32 or wider."""
   _, h, w, c = features.shape
-  products = jnp.einsum("bhwc,bhwd->bcd", features, features, preferred_element_type=jnp.float32,
-                        precision=lax.Precision.HIGHEST)
-  return products / (c * h * w)
+  return _feature_products(features) / (c * h * w)
+
+
+@jax.custom_vjp
+def _feature_products(features: Array) -> Array:
+  """features^T features per image, (B, C, C), in float32 or wider."""
+  return jnp.einsum("bhwc,bhwd->bcd", features, features, precision=lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.promote_types(features.dtype, jnp.float32))
+
+
+def _feature_products_fwd(features: Array) -> tuple[Array, Array]:
+  return _feature_products(features), features
+
+
+def _feature_products_bwd(features: Array, g: Array) -> tuple[Array]:
+  # d(F^T F) = F (g + g^T), contracted so that the result comes out in F's (B, H, W, C) layout: autodiff's
+  # transposed product gives (B, C, H*W) and a transpose back (benchmarks/RESULTS.md, optimisation 21).
+  symmetric = (g + jnp.swapaxes(g, 1, 2)).astype(features.dtype)
+  grad = jnp.einsum("bhwd,bdc->bhwc", features, symmetric, precision=lax.Precision.HIGHEST,
+                    preferred_element_type=g.dtype)
+  return (grad.astype(features.dtype),)
+
+
+_feature_products.defvjp(_feature_products_fwd, _feature_products_bwd)
 
 
 def style_loss(features: Sequence[Array], target_grams: Sequence[Array]) -> Array:

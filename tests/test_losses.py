@@ -187,6 +187,21 @@ def test_without_vgg_the_feature_terms_are_zero_and_the_keys_stay(variables):
   np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
 
 
+def test_gram_and_its_gradient_match_the_float64_oracle():
+  """gram(F) = F^T F / (C H W); d sum(W * gram(F)) / dF = F (W + W^T) / (C H W), in every dtype's precision."""
+  rng = np.random.default_rng(3)
+  features, weights = rng.normal(size=(2, 5, 6, 4)), rng.normal(size=(2, 4, 4))
+  want = np.einsum("bhwd,bdc->bhwc", features, weights + weights.transpose(0, 2, 1)) / (4 * 5 * 6)
+  with jax.enable_x64(True):
+    value, grad = jax.value_and_grad(lambda f: jnp.sum(losses.gram(f) * weights))(jnp.asarray(features))
+    assert grad.dtype == jnp.float64
+  np.testing.assert_allclose(value, np.sum(oracle_gram(features) * weights), rtol=1e-12)
+  np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-14)
+  grad32 = jax.grad(lambda f: jnp.sum(losses.gram(f) * weights))(jnp.asarray(features, jnp.float32))
+  assert grad32.dtype == jnp.float32
+  np.testing.assert_allclose(grad32, want, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_is_finite_nonzero_and_only_flows_into_the_output(variables):
   output, target, mask = random_batch(seed=8)
   grads = jax.jit(jax.grad(lambda o, t, m: losses.inpainting_loss(o, t, m, variables, PAPER_WEIGHTS)[0],
