@@ -263,17 +263,11 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> float:
   return busy
 
 
-def worker_environment(huge_pages: bool) -> dict[str, str]:
-  """This process's environment with glibc's huge-page tunable set to `huge_pages`, the others kept."""
-  kept = [item for item in os.environ.get(hugepages.VARIABLE, "").split(":")
-          if item and item.split("=", 1)[0] != hugepages.TUNABLE]
-  return {**os.environ, hugepages.VARIABLE: ":".join(kept + [f"{hugepages.TUNABLE}={int(huge_pages)}"])}
-
-
 def run_in_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
   busy = wait_for_quiet(_MAX_BUSY.value, _MAX_WAIT.value)
   proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", f"--worker={json.dumps(spec)}"],
-                        capture_output=True, text=True, check=False, env=worker_environment(_HUGE_PAGES.value))
+                        env=hugepages.with_huge_pages(os.environ, _HUGE_PAGES.value), capture_output=True,
+                        text=True, check=False)
   if proc.returncode:
     raise RuntimeError(f"benchmark worker {spec} failed:\n{proc.stderr[-4000:]}")
   result = json.loads(proc.stdout.strip().splitlines()[-1])

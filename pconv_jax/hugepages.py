@@ -18,12 +18,19 @@ TUNABLE = "glibc.malloc.hugetlb"
 VARIABLE = "GLIBC_TUNABLES"
 
 
+def _tunables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+  return [tuple(item.split("=", 1)) for item in environ.get(VARIABLE, "").split(":") if "=" in item]
+
+
+def with_huge_pages(environ: Mapping[str, str], on: bool = True) -> dict[str, str]:
+  """`environ` with glibc's huge-page tunable set on or off, its other tunables kept."""
+  kept = [f"{name}={value}" for name, value in _tunables(environ) if name != TUNABLE]
+  return {**environ, VARIABLE: ":".join(kept + [f"{TUNABLE}={int(on)}"])}
+
+
 def environment_with_huge_pages(environ: Mapping[str, str]) -> dict[str, str] | None:
-  """`environ` with glibc's huge-page tunable added, or None if it is already set either way (e.g. `=0`)."""
-  current = environ.get(VARIABLE, "")
-  if any(item.split("=", 1)[0] == TUNABLE for item in current.split(":") if item):
-    return None
-  return {**environ, VARIABLE: ":".join(filter(None, (current, f"{TUNABLE}=1")))}
+  """`environ` with huge pages on, or None if the tunable is already set either way (e.g. `=0` to opt out)."""
+  return None if any(name == TUNABLE for name, _ in _tunables(environ)) else with_huge_pages(environ)
 
 
 def reexec_with_huge_pages() -> None:

@@ -36,8 +36,3 @@ def test_useful_flops_of_the_papers_256_network():
   assert abs(forward / 1e9 - 18.9) < 0.5  # FIELD-NOTES: ~18.9 GFLOP per image of useful convolution work.
   assert abs(train_step.vgg_macs(256) / 1e9 - 12.2) < 0.1  # VGG-16 to conv3_3: ~12 GMAC per 256x256 image.
 
-
-def test_workers_get_the_same_huge_page_setting_and_keep_other_tunables(monkeypatch):
-  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
-  assert train_step.worker_environment(False)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"
-  assert train_step.worker_environment(True)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"

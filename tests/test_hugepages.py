@@ -17,6 +17,13 @@ def test_tunable_is_added_to_existing_tunables_once():
   assert hugepages.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # Opted out.
 
 
+def test_benchmark_workers_get_the_setting_asked_for_and_keep_other_tunables():
+  environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+  off = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
+  assert hugepages.with_huge_pages(environ, False) == off
+  assert hugepages.with_huge_pages(environ, True) == environ
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc tunables exist on Linux only")
 @pytest.mark.parametrize("preset,expected", [(None, "glibc.malloc.hugetlb=1"),
                                              ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0")])
