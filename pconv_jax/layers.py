@@ -140,7 +140,8 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
   The values and gradients are the convolution's. On the CPU backend (undilated kernels), the gradients that
   XLA:CPU's convolutions compute slowly are computed as matrix products over the kernel's taps instead: the input
   gradient of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers
-  with at most 8x8, and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9, 18).
+  with at most 8x8 and, for one image per device, of stride-1 layers with taps x outputs <= 3 x inputs, and both
+  gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9, 18, 22).
   """
   padding = normalize_padding(padding)
   if dilation != (1, 1) or jax.default_backend() != "cpu":
@@ -170,12 +171,14 @@ def _matmul_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tup
 
 
 def _output_side_gradients(x: Array, kernel: Array, g: Array, strides: tuple[int, int],
-                           padding: tuple[tuple[int, int], ...], precision: Any = None) -> tuple[Array, Array]:
-  """Input and weight gradients through per-tap products, for layers with few output channels.
+                           padding: tuple[tuple[int, int], ...], precision: Any = None,
+                           input_gradient: bool = True) -> tuple[Array | None, Array]:
+  """Input (unless not asked for) and weight gradients through per-tap products.
 
   `g` is placed, for each kernel tap, at the padded input positions that tap reads: a (positions, taps x outputs)
   matrix, narrow when taps x outputs < inputs. Both gradients are then one matrix product each with it, instead
-  of products over the wide input patches (the U-Net's last layer: 67 inputs, 9 x 3 taps x outputs).
+  of products over the wide input patches (the U-Net's last layer: 67 inputs, 9 x 3 taps x outputs). The weight
+  gradient alone also beats XLA:CPU's for one image of the decoders' 3x3 layers (taps x outputs = 3 x inputs).
   """
   kh, kw, cin, cout = kernel.shape
   (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
@@ -187,9 +190,11 @@ def _output_side_gradients(x: Array, kernel: Array, g: Array, strides: tuple[int
       lax.pad(g, zero, ((0, 0, 0), (i, hp - i - sh * (ho - 1) - 1, sh - 1), (j, wp - j - sw * (wo - 1) - 1, sw - 1),
                         (0, 0, 0)))
       for i in range(kh) for j in range(kw)], axis=3).reshape(-1, kh * kw * cout)
-  taps_kernel = kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
-  dx = lax.dot_general(per_tap, taps_kernel, (((1,), (1,)), ((), ())), precision=precision)
-  dx = dx.reshape(batch, hp, wp, cin)[:, top:top + x.shape[1], left:left + x.shape[2]]
+  dx = None
+  if input_gradient:
+    taps_kernel = kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)
+    dx = lax.dot_general(per_tap, taps_kernel, (((1,), (1,)), ((), ())), precision=precision)
+    dx = dx.reshape(batch, hp, wp, cin)[:, top:top + x.shape[1], left:left + x.shape[2]]
   dw = lax.dot_general(padded.reshape(-1, cin), per_tap, (((0,), (0,)), ((), ())), precision=precision)
   return dx, dw.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
 
@@ -218,7 +223,9 @@ def _conv_cpu_bwd(strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
   weight_grad = matmul if positions <= 8 * 8 else xla
   dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
   shards = _BATCH_SHARDS.get()
-  if weight_grad is xla and positions >= 64 * 64 and shards and x.shape[0] % shards == 0 and x.shape[0] > shards:
+  if weight_grad is xla and strides == (1, 1) and kh * kw * cout <= 3 * cin and x.shape[0] == (shards or 1):
+    dw = _output_side_gradients(x, kernel, g, strides, padding, precision, input_gradient=False)[1]
+  elif weight_grad is xla and positions >= 64 * 64 and shards and x.shape[0] % shards == 0 and x.shape[0] > shards:
     dw = _weight_grad_by_image(x, kernel, g, xla, shards)
   else:
     dw = jax.vjp(lambda k: weight_grad(x, k), kernel)[1](g)[0]
