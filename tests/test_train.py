@@ -84,9 +84,7 @@ def test_eight_devices_match_one_device_with_the_full_loss():
     assert len(state.params["encoder"]["block_1"]["conv"]["kernel"].sharding.device_set) == devices
     params[devices] = jax.device_get(state.params)
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
-  # Adam scales each gradient element to about the learning rate (2e-4), so elements with near-zero gradients turn
-  # float32 reduction-order differences into visible ones: atol is 2% of the three steps' largest update.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1.2e-5), params[8], params[1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params[8], params[1])
   assert losses[1][0] != losses[1][2]
 
 
