@@ -2,7 +2,7 @@
 
 XLA's CPU runtime allocates each step's buffers anew (hundreds of MB to GB). glibc serves such sizes with fresh
 `mmap`s whose 4 KiB pages fault in one at a time: on the VM measured, huge pages made single large convolutions
-up to 3x faster and train steps 10-33% faster (benchmarks/RESULTS.md, optimisation 19). With the tunable
+up to ~4x faster and train steps 10-33% faster (benchmarks/RESULTS.md, optimisation 19). With the tunable
 `glibc.malloc.hugetlb=1` malloc asks the kernel for 2 MiB transparent huge pages instead. glibc reads tunables
 only at process start, so the command-line entry points re-execute themselves once with it set.
 """
