@@ -137,11 +137,11 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
            dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
   """`lax.conv_general_dilated` on NHWC `x` and HWIO `kernel`, with faster gradients on CPU.
 
-  The values and gradients are the convolution's. On the CPU backend (undilated kernels), the gradients that
-  XLA:CPU's convolutions compute slowly are computed as matrix products over the kernel's taps instead: the input
-  gradient of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers
-  with at most 8x8 and, for one image per device, of stride-1 layers with taps x outputs <= 3 x inputs, and both
-  gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9, 18, 22).
+  The values and gradients are the convolution's. On the CPU backend (undilated kernels), what XLA:CPU's
+  convolutions compute slowly is computed as matrix products over the kernel's taps instead: the input gradient
+  of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers with at most
+  8x8 and, for one image per device, of stride-1 layers with taps x outputs <= 3 x inputs, and the forward and
+  both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9, 18, 22-23).
   """
   padding = normalize_padding(padding)
   if dilation != (1, 1) or jax.default_backend() != "cpu":
@@ -168,6 +168,28 @@ def _matmul_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tup
                     (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
   return lax.dot_general(jnp.concatenate(taps, axis=-1), kernel.reshape(kh * kw * cin, cout),
                          (((3,), (0,)), ((), ())), precision=precision)
+
+
+def _few_outputs(kernel: Array) -> bool:
+  """Whether taps x outputs < inputs (the U-Net's last layer: 9 x 3 < 67), where per-tap products win."""
+  kh, kw, cin, cout = kernel.shape
+  return kh * kw * cout < cin
+
+
+def _output_side_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                      precision: Any = None) -> Array:
+  """The same convolution as one product of the input with every tap's kernel, (positions, taps x outputs),
+  then a sum of that product's shifted slices: for few outputs, 2-4x faster than XLA:CPU's convolution."""
+  kh, kw, cin, cout = kernel.shape
+  (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
+  per_tap = lax.dot_general(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout),
+                            (((3,), (0,)), ((), ())), precision=precision)
+  per_tap = lax.pad(per_tap, jnp.zeros((), per_tap.dtype), ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+  batch, hp, wp, _ = per_tap.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  return sum(lax.slice(per_tap, (0, i, j, (i * kw + j) * cout),
+                       (batch, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, (i * kw + j + 1) * cout), (1, sh, sw, 1))
+             for i in range(kh) for j in range(kw))
 
 
 def _output_side_gradients(x: Array, kernel: Array, g: Array, strides: tuple[int, int],
@@ -202,7 +224,8 @@ def _output_side_gradients(x: Array, kernel: Array, g: Array, strides: tuple[int
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_cpu(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
               precision: Any) -> Array:
-  return _xla_conv(x, kernel, strides, padding, precision=precision)
+  conv = _output_side_conv if _few_outputs(kernel) else _xla_conv
+  return conv(x, kernel, strides, padding, precision=precision)
 
 
 def _conv_cpu_fwd(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
@@ -217,7 +240,7 @@ def _conv_cpu_bwd(strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
   positions = g.shape[1] * g.shape[2]
   xla, matmul = (functools.partial(conv, strides=strides, padding=padding, precision=precision)
                  for conv in (_xla_conv, _matmul_conv))
-  if kh * kw * cout < cin:  # E.g. the U-Net's last layer (3 outputs).
+  if _few_outputs(kernel):
     return _output_side_gradients(x, kernel, g, strides, padding, precision)
   input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
   weight_grad = matmul if positions <= 8 * 8 else xla

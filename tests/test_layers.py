@@ -230,7 +230,7 @@ def conv_gradients_oracle(x, w, g, stride, pads):
 @pytest.mark.parametrize("size,kernel_size,stride,padding,cin,cout", [
     (20, 3, 1, "SAME", 5, 4), (12, 3, 1, 1, 5, 4), (6, 3, 1, ((0, 2), (1, 1)), 5, 4), (20, 5, 2, 2, 5, 4),
     (9, 7, 2, ((3, 2), (1, 3)), 5, 4), (4, 3, 2, "SAME", 5, 4), (20, 3, 1, 1, 40, 3), (11, 3, 2, "SAME", 40, 3),
-    (12, 3, 1, ((2, 0), (1, 1)), 12, 4)])
+    (12, 3, 1, ((2, 0), (1, 1)), 12, 4), (8, 3, 1, ((2, 0), (0, 1)), 40, 3)])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, cout, batch):
   rng = np.random.default_rng([size, kernel_size, stride, cin])
@@ -248,6 +248,9 @@ def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, 
   np.testing.assert_allclose(y, conv_oracle(x, w, stride, pads), rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
   np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
+  # Layers with taps x outputs < inputs compute their forward without a convolution.
+  forward = jax.jit(lambda x, w: layers.conv2d(x, w, (stride, stride), padding)).lower(x, w).as_text()
+  assert forward.count("stablehlo.convolution") == (0 if kernel_size ** 2 * cout < cin else 1)
 
 
 @pytest.mark.parametrize("devices", [1, 2])
