@@ -253,6 +253,18 @@ def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, 
   assert forward.count("stablehlo.convolution") == (0 if kernel_size ** 2 * cout < cin else 1)
 
 
+def test_few_output_conv2d_in_bfloat16_rounds_once():
+  """The per-tap forward of few-output layers accumulates bfloat16 inputs in float32 and rounds once at the end."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 16, 16, 67)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 67, 3)) * 0.1, jnp.bfloat16)
+  y = layers.conv2d(x, w, (1, 1), "SAME")
+  assert y.dtype == jnp.bfloat16
+  exact = conv_oracle(np.asarray(x, np.float64), np.asarray(w, np.float64), 1, ((1, 1), (1, 1)))
+  rounded = np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(y, np.float64), rounded, rtol=2.0 ** -7, atol=1e-6)
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_conv2d_weight_gradient_by_image_matches_oracle(devices):
   """With the batch declared split over `devices`, large layers' weight gradients are summed image by image."""
