@@ -135,7 +135,7 @@ def batch_shards(shards: int) -> Iterator[None]:
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
            dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
-  """`lax.conv_general_dilated` on NHWC `x` and HWIO `kernel`, with faster gradients on CPU.
+  """`lax.conv_general_dilated` on NHWC `x` and HWIO `kernel`, with a faster backward (and some forwards) on CPU.
 
   The values and gradients are the convolution's. On the CPU backend (undilated kernels), what XLA:CPU's
   convolutions compute slowly is computed as matrix products over the kernel's taps instead: the input gradient
@@ -179,7 +179,7 @@ def _few_outputs(kernel: Array) -> bool:
 def _output_side_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
                       precision: Any = None) -> Array:
   """The same convolution as one product of the input with every tap's kernel, (positions, taps x outputs),
-  then a sum of that product's shifted slices (accumulated in float32 or wider): for few outputs, 2-4x faster
+  then a sum of that product's shifted slices (accumulated in float32 or wider): for few outputs, about 2x faster
   than XLA:CPU's convolution."""
   kh, kw, cin, cout = kernel.shape
   (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
