@@ -275,6 +275,73 @@ def _weight_grad_by_image(x: Array, kernel: Array, g: Array, conv: Any, shards: 
 _conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
 
 
+def upsample2x(x: Array) -> Array:
+  """Nearest-neighbour x2 upsampling of an NHWC array (PyTorch's `interpolate(scale_factor=2)`)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def upsampled_conv2d(low: Array, rest: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
+                     dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+  """`conv2d(concatenate([upsample2x(low), rest]), kernel, ...)`, a U-Net decoder's convolution.
+
+  On CPU, a 3x3 'SAME' stride-1 layer with more than 16x16 outputs convolves `low` at its own resolution instead:
+  each of the four output phases (row and column parity) of a 3x3 kernel over a x2 nearest-upsampled input is a
+  2x2 kernel over the input itself, 2.25x fewer multiplications for those channels (benchmarks/RESULTS.md,
+  optimisation 27). The gradients are conv2d's of the concatenated input.
+  """
+  padding = normalize_padding(padding)
+  same_3x3 = kernel.shape[:2] == (3, 3) and strides == dilation == (1, 1) and padding in ("SAME", ((1, 1), (1, 1)))
+  large = rest.shape[1] * rest.shape[2] > 16 * 16
+  if jax.default_backend() == "cpu" and same_3x3 and large and not _few_outputs(kernel):
+    return _upsampled_conv_cpu(low, rest, kernel, precision)
+  return conv2d(jnp.concatenate([upsample2x(low), rest], axis=-1), kernel, strides, padding, dilation, precision)
+
+
+def _phase_kernels(kernel: Array) -> Array:
+  """(3, 3, C, K) -> (2, 2, C, 4K): the kernels of the four output phases (p, q) = (row, column parity) of a 3x3
+  'SAME' convolution of a x2 nearest-upsampled input, as 2x2 kernels over the input padded by one, stacked along
+  the outputs in the order (0, 0), (0, 1), (1, 0), (1, 1). Phase 0 reads rows i-1 and i (taps 0 and 1 + 2),
+  phase 1 rows i and i+1 (taps 0 + 1 and 2); the same for columns."""
+  wide = kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
+  phases = []
+  for rows in ((wide[0], wide[1] + wide[2]), (wide[0] + wide[1], wide[2])):
+    rows = jnp.stack(rows)
+    for cols in ((rows[:, 0], rows[:, 1] + rows[:, 2]), (rows[:, 0] + rows[:, 1], rows[:, 2])):
+      phases.append(jnp.stack(cols, axis=1))
+  return jnp.concatenate(phases, axis=-1).astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _upsampled_conv_cpu(low: Array, rest: Array, kernel: Array, precision: Any) -> Array:
+  batch, height, width, channels = low.shape
+  outputs = kernel.shape[-1]
+  same = ((1, 1), (1, 1))
+  by_phase = _xla_conv(low, _phase_kernels(kernel[:, :, :channels]), (1, 1), same, precision=precision)
+  p00, p01, p10, p11 = (by_phase[:, p:p + height, q:q + width, (2 * p + q) * outputs:(2 * p + q + 1) * outputs]
+                        for p in (0, 1) for q in (0, 1))
+  upsampled = jnp.stack([jnp.stack([p00, p01], axis=3), jnp.stack([p10, p11], axis=3)], axis=2)
+  upsampled = upsampled.reshape(batch, 2 * height, 2 * width, outputs)
+  return upsampled + _xla_conv(rest, kernel[:, :, channels:], (1, 1), same, precision=precision)
+
+
+def _upsampled_conv_cpu_fwd(low: Array, rest: Array, kernel: Array,
+                            precision: Any) -> tuple[Array, tuple[Array, Array, Array]]:
+  return _upsampled_conv_cpu(low, rest, kernel, precision), (low, rest, kernel)
+
+
+def _upsampled_conv_cpu_bwd(precision: Any, residuals: tuple[Array, Array, Array],
+                            g: Array) -> tuple[Array, Array, Array]:
+  low, rest, kernel = residuals
+  batch, height, width, channels = low.shape
+  x = jnp.concatenate([upsample2x(low), rest], axis=-1)
+  dx, dw = _conv_cpu_bwd((1, 1), ((1, 1), (1, 1)), precision, (x, kernel), g)
+  dlow = dx[..., :channels].reshape(batch, height, 2, width, 2, channels).sum(axis=(2, 4))
+  return dlow, dx[..., channels:], dw
+
+
+_upsampled_conv_cpu.defvjp(_upsampled_conv_cpu_fwd, _upsampled_conv_cpu_bwd)
+
+
 def partial_conv(
     x: Array | Sequence[Array],
     mask: Array | None | Sequence[Array | None],
@@ -287,6 +354,7 @@ def partial_conv(
     multi_channel: bool = False,
     eps: float = 1e-8,
     precision: Any = None,
+    upsample_first: bool = False,
 ) -> tuple[Array, Array]:
   """Partial convolution of NHWC `x` with HWIO `kernel`; returns (output, new_mask with one channel).
 
@@ -295,7 +363,9 @@ def partial_conv(
 
   With `multi_channel`, `x` may be a list of channel blocks and `mask` the list of their masks (each one-channel,
   per-channel or None): the same result as concatenating the blocks and their per-channel masks, without
-  building that wide mask (a U-Net decoder's upsampled features and skip connection).
+  building that wide mask (a U-Net decoder's upsampled features and skip connection). With `upsample_first`,
+  the first block and its mask are given at half the others' height and width and stand for their x2
+  nearest-neighbour upsampling (`upsample2x`), which is then never built (see `upsampled_conv2d`).
   """
   kh, kw, in_features, _ = kernel.shape
   is_blocks = isinstance(x, (list, tuple))
@@ -308,25 +378,40 @@ def partial_conv(
   if len(masks) != len(blocks) or sum(b.shape[-1] for b in blocks) != in_features:
     raise ValueError(f"the kernel takes {in_features} input channels; got inputs of shapes "
                      f"{[b.shape for b in blocks]} with {len(masks)} mask(s)")
+  if upsample_first and len(blocks) < 2:
+    raise ValueError("upsample_first needs at least two channel blocks: the one to upsample, then the others")
   for block, block_mask in zip(blocks, masks):
     _check_shapes(block, block_mask, block.shape[-1], multi_channel)
+  sizes = [tuple(2 * n for n in b.shape[1:3]) if upsample_first and i == 0 else b.shape[1:3]
+           for i, b in enumerate(blocks)]
+  if len(set(sizes)) > 1:
+    half = " (the first at half of them, with upsample_first)" if upsample_first else ""
+    raise ValueError(f"channel blocks must have the same height and width{half}; got shapes "
+                     f"{[b.shape for b in blocks]}")
   window_size = kh * kw * (in_features if multi_channel else 1)
   padding = normalize_padding(padding)
 
   mask_dtype = jnp.promote_types(blocks[0].dtype, jnp.float32)
-  channel_sum = sum(_channel_sum(jnp.ones((1,) + b.shape[1:3] + (1,), mask_dtype) if m is None else m,
-                                 b.shape[-1], multi_channel, mask_dtype) for b, m in zip(blocks, masks))
+  channel_sums = [_channel_sum(jnp.ones((1,) + b.shape[1:3] + (1,), mask_dtype) if m is None else m,
+                               b.shape[-1], multi_channel, mask_dtype) for b, m in zip(blocks, masks)]
+  if upsample_first:
+    channel_sums[0] = upsample2x(channel_sums[0])
+  channel_sum = sum(channel_sums)
   count = _window_sum(channel_sum, (kh, kw), strides, padding, dilation)
   ratio, new_mask = mask_update(count, window_size, eps)
 
   masked = [b if m is None else b * lax.stop_gradient(m).astype(b.dtype) for b, m in zip(blocks, masks)]
-  masked = masked[0] if len(masked) == 1 else jnp.concatenate(masked, axis=-1)
-  raw = conv2d(masked, kernel, strides, padding, dilation, precision)
+  if upsample_first:
+    rest = masked[1] if len(masked) == 2 else jnp.concatenate(masked[1:], axis=-1)
+    raw = upsampled_conv2d(masked[0], rest, kernel, strides, padding, dilation, precision)
+  else:
+    raw = conv2d(masked[0] if len(masked) == 1 else jnp.concatenate(masked, axis=-1), kernel, strides, padding,
+                 dilation, precision)
   out = raw.astype(mask_dtype) * ratio
   if bias is not None:
     out = (out + bias.astype(mask_dtype)) * new_mask
-  new_mask = jnp.broadcast_to(new_mask, (masked.shape[0],) + new_mask.shape[1:])
-  return out.astype(masked.dtype), new_mask
+  new_mask = jnp.broadcast_to(new_mask, (raw.shape[0],) + new_mask.shape[1:])
+  return out.astype(raw.dtype), new_mask
 
 
 def _check_shapes(x: Array, mask: Array | None, in_features: int, multi_channel: bool) -> None:
@@ -360,6 +445,8 @@ class PartialConv(nn.Module):
     dtype: computation dtype of the convolution (e.g. bfloat16); the mask path stays float32 or wider.
     param_dtype: dtype of kernel and bias.
     precision: precision of the data convolution.
+    upsample_first: the first channel block and its mask come at half resolution, to be upsampled x2 (nearest)
+      before the convolution (a U-Net decoder; see `partial_conv`).
   """
   features: int
   kernel_size: int | Sequence[int]
@@ -372,6 +459,7 @@ class PartialConv(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
+  upsample_first: bool = False
   kernel_init: Any = nn.initializers.kaiming_normal()
   bias_init: Any = nn.initializers.zeros
 
@@ -388,7 +476,7 @@ class PartialConv(nn.Module):
     return partial_conv(
         x, mask, kernel, bias, strides=_pair(self.strides, "strides"), padding=self.padding,
         dilation=_pair(self.dilation, "dilation"), multi_channel=self.multi_channel, eps=self.eps,
-        precision=self.precision)
+        precision=self.precision, upsample_first=self.upsample_first)
 
 
 class BatchNorm(nn.Module):

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pconv_jax.layers import BatchNorm, PartialConv
+from pconv_jax.layers import BatchNorm, PartialConv, upsample2x
 
 Array = jax.Array
 
@@ -25,11 +25,6 @@ def paper_kernel_sizes(depth: int) -> tuple[int, ...]:
   return ((7, 5, 5) + (3,) * depth)[:depth]
 
 
-def upsample2x(x: Array) -> Array:
-  """Nearest-neighbour x2 upsampling of an NHWC array (PyTorch's `interpolate(scale_factor=2)`)."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
 class PConvBlock(nn.Module):
   """Partial (or plain) convolution, optional BatchNorm, optional activation. Returns (x, mask)."""
   features: int
@@ -40,6 +35,7 @@ class PConvBlock(nn.Module):
   use_bias: bool = False
   partial: bool = True
   frozen_bn: bool = False
+  upsample_first: bool = False
   dtype: Any = None
 
   @nn.compact
@@ -48,7 +44,8 @@ class PConvBlock(nn.Module):
     padding = self.kernel_size // 2
     if self.partial:
       x, mask = PartialConv(self.features, self.kernel_size, self.strides, padding, use_bias=self.use_bias,
-                            multi_channel=True, dtype=self.dtype, name="conv")(x, mask)
+                            multi_channel=True, dtype=self.dtype, upsample_first=self.upsample_first,
+                            name="conv")(x, mask)
     else:
       x = nn.Conv(self.features, (self.kernel_size,) * 2, self.strides, padding, use_bias=self.use_bias,
                   kernel_init=nn.initializers.kaiming_normal(), dtype=self.dtype, name="conv")(x)
@@ -92,15 +89,14 @@ class Decoder(nn.Module):
     x, mask = levels[-1]
     for i in range(len(levels) - 1, 0, -1):
       skip_x, skip_mask = levels[i - 1]
-      up = upsample2x(x)
-      if self.partial:  # Channel blocks with their own masks: the same as concatenating both (see PartialConv).
-        x, mask = [up, skip_x], [upsample2x(mask), skip_mask]
+      if self.partial:  # Channel blocks with their own masks, the first upsampled by the layer (see PartialConv).
+        x, mask = [x, skip_x], [mask, skip_mask]
       else:
-        x = jnp.concatenate([up, skip_x], axis=-1)
+        x = jnp.concatenate([upsample2x(x), skip_x], axis=-1)
       last = i == 1
       x, mask = PConvBlock(self.out_channels if last else self.features[i - 2], 3, strides=1, use_bn=not last,
                            activation=None if last else "leaky_relu", use_bias=last, partial=self.partial,
-                           dtype=self.dtype, name=f"block_{i}")(x, mask, train)
+                           upsample_first=self.partial, dtype=self.dtype, name=f"block_{i}")(x, mask, train)
     return x
 
 

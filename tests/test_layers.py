@@ -317,6 +317,36 @@ def test_channel_blocks_equal_the_concatenated_input_and_mask():
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("size,cin,cout,convolutions", [(20, 6, 5, 2), (8, 6, 5, 1), (20, 16, 2, 0)])
+def test_upsample_first_equals_the_upsampled_blocks(size, cin, cout, convolutions):
+  """A half-resolution first block (and mask) upsampled by the layer: the same values and gradients as upsampling
+  it first. On CPU, layers with more than 16x16 outputs convolve it at its own resolution (two convolutions, no
+  upsampled input); smaller or few-output layers (one convolution, or none) upsample it."""
+  rng = np.random.default_rng(size)
+  low, skip = rng.normal(size=(2, size // 2, size // 2 + 1, cin)), rng.normal(size=(2, size, size + 2, 3))
+  low_mask = (rng.random((2, size // 2, size // 2 + 1, 1)) > 0.3).astype(np.float64)
+  skip_mask = (rng.random((1, size, size + 2, 3)) > 0.5).astype(np.float64)
+  kernel, bias = rng.normal(size=(3, 3, cin + 3, cout)), rng.normal(size=(cout,))
+  with jax.enable_x64(True):
+    def first(low, skip, kernel):
+      return layers.partial_conv([low, skip], [low_mask, skip_mask], kernel, bias, padding=1, multi_channel=True,
+                                 upsample_first=True)
+
+    def upsampled(low, skip, kernel):
+      return layers.partial_conv([layers.upsample2x(low), skip], [layers.upsample2x(low_mask), skip_mask], kernel,
+                                 bias, padding=1, multi_channel=True)
+
+    (out, new_mask), (want, want_mask) = first(low, skip, kernel), upsampled(low, skip, kernel)
+    np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(new_mask, want_mask)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)[0]))  # noqa: E731
+    for got, expected in zip(jax.grad(loss(first), (0, 1, 2))(low, skip, kernel),
+                             jax.grad(loss(upsampled), (0, 1, 2))(low, skip, kernel)):
+      np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    lowered = jax.jit(lambda *a: first(*a)[0]).lower(low, skip, kernel).as_text()
+    assert lowered.count("stablehlo.convolution") == convolutions
+
+
 def test_bad_channel_blocks_are_explained():
   x, kernel = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 4, 1))
   with pytest.raises(ValueError, match="multi_channel=True"):
@@ -327,3 +357,10 @@ def test_bad_channel_blocks_are_explained():
     layers.partial_conv([x, x], [None, jnp.ones((1, 4, 4, 1))], kernel, None, padding=1, multi_channel=True)
   with pytest.raises(ValueError, match="list of input channel blocks"):
     layers.partial_conv(jnp.ones((1, 8, 8, 4)), [None, None], kernel, None, padding=1, multi_channel=True)
+  with pytest.raises(ValueError, match="same height and width"):
+    layers.partial_conv([x, jnp.ones((1, 4, 4, 2))], [None, None], kernel, None, padding=1, multi_channel=True)
+  with pytest.raises(ValueError, match=r"the first at half of them, with upsample_first"):
+    layers.partial_conv([x, x], [None, None], kernel, None, padding=1, multi_channel=True, upsample_first=True)
+  with pytest.raises(ValueError, match="at least two channel blocks"):
+    layers.partial_conv([jnp.ones((1, 4, 4, 4))], [None], kernel, None, padding=1, multi_channel=True,
+                        upsample_first=True)
