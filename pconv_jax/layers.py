@@ -287,7 +287,7 @@ def upsampled_conv2d(low: Array, rest: Array, kernel: Array, strides: tuple[int,
   On CPU, a 3x3 'SAME' stride-1 layer with more than 16x16 outputs convolves `low` at its own resolution instead:
   each of the four output phases (row and column parity) of a 3x3 kernel over a x2 nearest-upsampled input is a
   2x2 kernel over the input itself, 2.25x fewer multiplications for those channels (benchmarks/RESULTS.md,
-  optimisation 27). The gradients are conv2d's of the concatenated input.
+  optimisation 27), in the forward and the backward.
   """
   padding = normalize_padding(padding)
   same_3x3 = kernel.shape[:2] == (3, 3) and strides == dilation == (1, 1) and padding in ("SAME", ((1, 1), (1, 1)))
@@ -311,17 +311,22 @@ def _phase_kernels(kernel: Array) -> Array:
   return jnp.concatenate(phases, axis=-1).astype(kernel.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _upsampled_conv_cpu(low: Array, rest: Array, kernel: Array, precision: Any) -> Array:
-  batch, height, width, channels = low.shape
-  outputs = kernel.shape[-1]
-  same = ((1, 1), (1, 1))
-  by_phase = _xla_conv(low, _phase_kernels(kernel[:, :, :channels]), (1, 1), same, precision=precision)
+def _interleave_phases(by_phase: Array, height: int, width: int) -> Array:
+  """(B, H+1, W+1, 4K) per-phase outputs (see `_phase_kernels`) -> the (B, 2H, 2W, K) output they interleave to."""
+  outputs = by_phase.shape[-1] // 4
   p00, p01, p10, p11 = (by_phase[:, p:p + height, q:q + width, (2 * p + q) * outputs:(2 * p + q + 1) * outputs]
                         for p in (0, 1) for q in (0, 1))
-  upsampled = jnp.stack([jnp.stack([p00, p01], axis=3), jnp.stack([p10, p11], axis=3)], axis=2)
-  upsampled = upsampled.reshape(batch, 2 * height, 2 * width, outputs)
-  return upsampled + _xla_conv(rest, kernel[:, :, channels:], (1, 1), same, precision=precision)
+  interleaved = jnp.stack([jnp.stack([p00, p01], axis=3), jnp.stack([p10, p11], axis=3)], axis=2)
+  return interleaved.reshape(by_phase.shape[0], 2 * height, 2 * width, outputs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _upsampled_conv_cpu(low: Array, rest: Array, kernel: Array, precision: Any) -> Array:
+  channels = low.shape[-1]
+  same = ((1, 1), (1, 1))
+  by_phase = _xla_conv(low, _phase_kernels(kernel[:, :, :channels]), (1, 1), same, precision=precision)
+  return (_interleave_phases(by_phase, *low.shape[1:3])
+          + _xla_conv(rest, kernel[:, :, channels:], (1, 1), same, precision=precision))
 
 
 def _upsampled_conv_cpu_fwd(low: Array, rest: Array, kernel: Array,
@@ -331,12 +336,18 @@ def _upsampled_conv_cpu_fwd(low: Array, rest: Array, kernel: Array,
 
 def _upsampled_conv_cpu_bwd(precision: Any, residuals: tuple[Array, Array, Array],
                             g: Array) -> tuple[Array, Array, Array]:
+  """Gradients through the phases too: XLA's input gradient of the 2x2 convolution, and its weight gradient as
+  an im2col product (XLA:CPU's weight gradient of a 2x2 kernel is pathologically slow); `rest` as in conv2d."""
   low, rest, kernel = residuals
   batch, height, width, channels = low.shape
-  x = jnp.concatenate([upsample2x(low), rest], axis=-1)
-  dx, dw = _conv_cpu_bwd((1, 1), ((1, 1), (1, 1)), precision, (x, kernel), g)
-  dlow = dx[..., :channels].reshape(batch, height, 2, width, 2, channels).sum(axis=(2, 4))
-  return dlow, dx[..., channels:], dw
+  same = ((1, 1), (1, 1))
+  phase_kernels, phase_kernels_vjp = jax.vjp(_phase_kernels, kernel[:, :, :channels])
+  by_phase = jax.ShapeDtypeStruct((batch, height + 1, width + 1, phase_kernels.shape[-1]), g.dtype)
+  (g_by_phase,) = jax.linear_transpose(lambda b: _interleave_phases(b, height, width), by_phase)(g)
+  dlow = jax.vjp(lambda x: _xla_conv(x, phase_kernels, (1, 1), same, precision=precision), low)[1](g_by_phase)[0]
+  dphase = jax.vjp(lambda k: _matmul_conv(low, k, (1, 1), same, precision), phase_kernels)[1](g_by_phase)[0]
+  drest, dw_rest = _conv_cpu_bwd((1, 1), same, precision, (rest, kernel[:, :, channels:]), g)
+  return dlow, drest, jnp.concatenate([phase_kernels_vjp(dphase)[0], dw_rest], axis=2)
 
 
 _upsampled_conv_cpu.defvjp(_upsampled_conv_cpu_fwd, _upsampled_conv_cpu_bwd)
