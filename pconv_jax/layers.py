@@ -140,8 +140,9 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
   The values and gradients are the convolution's. On the CPU backend (undilated kernels), what XLA:CPU's
   convolutions compute slowly is computed as matrix products over the kernel's taps instead: the input gradient
   of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers with at most
-  8x8 and, for one image per device, of stride-1 layers with taps x outputs <= 3 x inputs, and the forward and
-  both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations 8-9, 18, 22-23).
+  8x8 or with an even-sized kernel and, for one image per device, of stride-1 layers with taps x outputs <= 3 x
+  inputs, and the forward and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations
+  8-9, 18, 22-23, 28).
   """
   padding = normalize_padding(padding)
   if dilation != (1, 1) or jax.default_backend() != "cpu":
@@ -245,7 +246,8 @@ def _conv_cpu_bwd(strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
   if _few_outputs(kernel):
     return _output_side_gradients(x, kernel, g, strides, padding, precision)
   input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
-  weight_grad = matmul if positions <= 8 * 8 else xla
+  # XLA:CPU's weight gradient of an even-sized kernel is pathologically slow (2x2: 2.9 s against 13 ms).
+  weight_grad = matmul if positions <= 8 * 8 or kh % 2 == 0 or kw % 2 == 0 else xla
   dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
   shards = _BATCH_SHARDS.get()
   if weight_grad is xla and strides == (1, 1) and kh * kw * cout <= 3 * cin and x.shape[0] == (shards or 1):
@@ -287,13 +289,16 @@ def upsampled_conv2d(low: Array, rest: Array, kernel: Array, strides: tuple[int,
   On CPU, a 3x3 'SAME' stride-1 layer with more than 16x16 outputs convolves `low` at its own resolution instead:
   each of the four output phases (row and column parity) of a 3x3 kernel over a x2 nearest-upsampled input is a
   2x2 kernel over the input itself, 2.25x fewer multiplications for those channels (benchmarks/RESULTS.md,
-  optimisation 27), in the forward and the backward.
+  optimisation 27), in the forward and, through conv2d's rules, the backward.
   """
   padding = normalize_padding(padding)
   same_3x3 = kernel.shape[:2] == (3, 3) and strides == dilation == (1, 1) and padding in ("SAME", ((1, 1), (1, 1)))
   large = rest.shape[1] * rest.shape[2] > 16 * 16
   if jax.default_backend() == "cpu" and same_3x3 and large and not _few_outputs(kernel):
-    return _upsampled_conv_cpu(low, rest, kernel, precision)
+    channels = low.shape[-1]
+    by_phase = conv2d(low, _phase_kernels(kernel[:, :, :channels]), (1, 1), 1, precision=precision)
+    return _interleave_phases(by_phase, *low.shape[1:3]) + conv2d(rest, kernel[:, :, channels:], (1, 1), 1,
+                                                                  precision=precision)
   return conv2d(jnp.concatenate([upsample2x(low), rest], axis=-1), kernel, strides, padding, dilation, precision)
 
 
@@ -318,39 +323,6 @@ def _interleave_phases(by_phase: Array, height: int, width: int) -> Array:
                         for p in (0, 1) for q in (0, 1))
   interleaved = jnp.stack([jnp.stack([p00, p01], axis=3), jnp.stack([p10, p11], axis=3)], axis=2)
   return interleaved.reshape(by_phase.shape[0], 2 * height, 2 * width, outputs)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _upsampled_conv_cpu(low: Array, rest: Array, kernel: Array, precision: Any) -> Array:
-  channels = low.shape[-1]
-  same = ((1, 1), (1, 1))
-  by_phase = _xla_conv(low, _phase_kernels(kernel[:, :, :channels]), (1, 1), same, precision=precision)
-  return (_interleave_phases(by_phase, *low.shape[1:3])
-          + _xla_conv(rest, kernel[:, :, channels:], (1, 1), same, precision=precision))
-
-
-def _upsampled_conv_cpu_fwd(low: Array, rest: Array, kernel: Array,
-                            precision: Any) -> tuple[Array, tuple[Array, Array, Array]]:
-  return _upsampled_conv_cpu(low, rest, kernel, precision), (low, rest, kernel)
-
-
-def _upsampled_conv_cpu_bwd(precision: Any, residuals: tuple[Array, Array, Array],
-                            g: Array) -> tuple[Array, Array, Array]:
-  """Gradients through the phases too: XLA's input gradient of the 2x2 convolution, and its weight gradient as
-  an im2col product (XLA:CPU's weight gradient of a 2x2 kernel is pathologically slow); `rest` as in conv2d."""
-  low, rest, kernel = residuals
-  batch, height, width, channels = low.shape
-  same = ((1, 1), (1, 1))
-  phase_kernels, phase_kernels_vjp = jax.vjp(_phase_kernels, kernel[:, :, :channels])
-  by_phase = jax.ShapeDtypeStruct((batch, height + 1, width + 1, phase_kernels.shape[-1]), g.dtype)
-  (g_by_phase,) = jax.linear_transpose(lambda b: _interleave_phases(b, height, width), by_phase)(g)
-  dlow = jax.vjp(lambda x: _xla_conv(x, phase_kernels, (1, 1), same, precision=precision), low)[1](g_by_phase)[0]
-  dphase = jax.vjp(lambda k: _matmul_conv(low, k, (1, 1), same, precision), phase_kernels)[1](g_by_phase)[0]
-  drest, dw_rest = _conv_cpu_bwd((1, 1), same, precision, (rest, kernel[:, :, channels:]), g)
-  return dlow, drest, jnp.concatenate([phase_kernels_vjp(dphase)[0], dw_rest], axis=2)
-
-
-_upsampled_conv_cpu.defvjp(_upsampled_conv_cpu_fwd, _upsampled_conv_cpu_bwd)
 
 
 def partial_conv(

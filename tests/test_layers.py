@@ -230,7 +230,7 @@ def conv_gradients_oracle(x, w, g, stride, pads):
 @pytest.mark.parametrize("size,kernel_size,stride,padding,cin,cout", [
     (20, 3, 1, "SAME", 5, 4), (12, 3, 1, 1, 5, 4), (6, 3, 1, ((0, 2), (1, 1)), 5, 4), (20, 5, 2, 2, 5, 4),
     (9, 7, 2, ((3, 2), (1, 3)), 5, 4), (4, 3, 2, "SAME", 5, 4), (20, 3, 1, 1, 40, 3), (11, 3, 2, "SAME", 40, 3),
-    (12, 3, 1, ((2, 0), (1, 1)), 12, 4), (8, 3, 1, ((2, 0), (0, 1)), 40, 3)])
+    (12, 3, 1, ((2, 0), (1, 1)), 12, 4), (8, 3, 1, ((2, 0), (0, 1)), 40, 3), (18, 2, 1, 1, 5, 12)])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, cout, batch):
   rng = np.random.default_rng([size, kernel_size, stride, cin])
