@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from pconv_jax import winograd
+
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 Array = jax.Array
 
@@ -141,8 +143,10 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: Padding,
   convolutions compute slowly is computed as matrix products over the kernel's taps instead: the input gradient
   of strided layers and of layers with at most 16x16 output positions, the weight gradient of layers with at most
   8x8 or with an even-sized kernel and, for one image per device, of stride-1 layers with taps x outputs <= 3 x
-  inputs, and the forward and both gradients of layers with few outputs (benchmarks/RESULTS.md, optimisations
-  8-9, 18, 22-23, 28).
+  inputs, and the forward and both gradients of layers with few outputs; float32 3x3 'SAME' stride-1 layers with
+  wide enough channels and at least 32x32 outputs compute their forward and input gradient by Winograd's F(4x4,
+  3x3), one image per device at a time (`winograd.is_faster`; benchmarks/RESULTS.md, optimisations 8-9, 18, 22-23,
+  28, 32).
   """
   padding = normalize_padding(padding)
   if dilation != (1, 1) or jax.default_backend() != "cpu":
@@ -227,8 +231,29 @@ def _output_side_gradients(x: Array, kernel: Array, g: Array, strides: tuple[int
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_cpu(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
               precision: Any) -> Array:
-  conv = _output_side_conv if _few_outputs(kernel) else _xla_conv
-  return conv(x, kernel, strides, padding, precision=precision)
+  if _few_outputs(kernel):
+    return _output_side_conv(x, kernel, strides, padding, precision)
+  if _winograd_faster(x, kernel, strides, padding):
+    return _winograd_by_image(x, kernel, precision)
+  return _xla_conv(x, kernel, strides, padding, precision=precision)
+
+
+def _winograd_faster(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> bool:
+  return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and padding == ((1, 1), (1, 1))
+          and x.dtype == kernel.dtype and winograd.is_faster(x.shape, kernel.shape, x.dtype))
+
+
+def _winograd_by_image(x: Array, kernel: Array, precision: Any) -> Array:
+  """`winograd.conv3x3` over one image per device at a time, whose transformed tiles stay in cache (1.3-1.6x
+  faster than the whole batch at once at VGG's conv3_2, 3-12 images). The batch is viewed as (devices, images per
+  device) as in `_weight_grad_by_image`; the device count is `batch_shards`' (1 if undeclared)."""
+  shards = _BATCH_SHARDS.get() or 1
+  batch = x.shape[0]
+  if batch == shards or batch % shards:
+    return winograd.conv3x3(x, kernel, precision)
+  by_image = x.reshape((shards, batch // shards) + x.shape[1:]).swapaxes(0, 1)
+  y = lax.map(lambda images: winograd.conv3x3(images, kernel, precision), by_image)
+  return y.swapaxes(0, 1).reshape((batch,) + y.shape[2:])
 
 
 def _conv_cpu_fwd(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
@@ -248,7 +273,11 @@ def _conv_cpu_bwd(strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
   input_grad = matmul if strides != (1, 1) or positions <= 16 * 16 else xla
   # XLA:CPU's weight gradient of an even-sized kernel is pathologically slow (2x2: 2.9 s against 13 ms).
   weight_grad = matmul if positions <= 8 * 8 or kh % 2 == 0 or kw % 2 == 0 else xla
-  dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
+  gradient_kernel = winograd.input_gradient_kernel(kernel)
+  if _winograd_faster(g, gradient_kernel, strides, padding):
+    dx = _winograd_by_image(g, gradient_kernel, precision)
+  else:
+    dx = jax.vjp(lambda x: input_grad(x, kernel), x)[1](g)[0]
   shards = _BATCH_SHARDS.get()
   if weight_grad is xla and strides == (1, 1) and kh * kw * cout <= 3 * cin and x.shape[0] == (shards or 1):
     dw = _output_side_gradients(x, kernel, g, strides, padding, precision, input_gradient=False)[1]

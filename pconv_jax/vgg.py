@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from pconv_jax import weights
+from pconv_jax import layers, weights
 
 Array = jax.Array
 Variables = dict[str, dict[str, Any]]
@@ -145,9 +145,12 @@ class _Conv3x3(nn.Module):
     # variables refuse first), so these zeros are never used as weights.
     kernel = self.param("kernel", nn.initializers.zeros_init(), (3, 3, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    y = lax.conv_general_dilated(
-        x, kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
+    if jnp.dtype(self.dtype) == jnp.float32:  # conv2d's CPU rules: Winograd for the conv2 and conv3 blocks.
+      y = layers.conv2d(x, kernel.astype(self.dtype), (1, 1), "SAME")
+    else:
+      y = lax.conv_general_dilated(
+          x, kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
     return nn.relu(y + bias.astype(jnp.float32)).astype(self.dtype)
 
 

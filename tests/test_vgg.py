@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pconv_jax import vgg
+from pconv_jax import vgg, winograd
 
 # The architecture and the sources' conventions, written out independently of pconv_jax.vgg.
 LAYERS = (("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128), ("conv2_2", 128, 128),
@@ -178,6 +178,15 @@ def test_features_match_float64_oracle(network, weight_files, fmt):
   features = vgg.VGG16Features().apply(variables, jnp.asarray(images))
   assert [f.shape for f in features] == [(2, 18, 22, 64), (2, 9, 11, 128), (2, 4, 5, 256)]
   assert_features_close(features, oracle_for_format(network, fmt)(images))
+
+
+def test_winograd_features_match_float64_oracle(network, weight_files):
+  """At 132x136 the conv2 and conv3 blocks run as Winograd convolutions on CPU (pconv_jax/winograd.py)."""
+  images = np.random.default_rng(4).uniform(-1, 1, (1, 132, 136, 3)).astype(np.float32)
+  assert winograd.is_faster((1, 33, 34, 128), (3, 3, 128, 256), jnp.float32)
+  variables = vgg.load_variables(weight_files["npz"])
+  features = jax.jit(vgg.VGG16Features().apply)(variables, jnp.asarray(images))
+  assert_features_close(features, oracle_for_format(network, "npz")(images))
 
 
 def test_keras_and_torchvision_files_give_same_features(network, tmp_path):
