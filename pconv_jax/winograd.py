@@ -21,6 +21,8 @@ from jax import lax
 Array = jax.Array
 
 TILE = 4  # Outputs per tile side; each reads TILE + 2 inputs.
+TILE_POSITIONS = (TILE + 2) ** 2  # 36 transformed positions, one matrix product each.
+MAX_TRANSFORMED_BYTES = 20 * 2**20  # Per image (see `is_faster`).
 
 # F(4x4, 3x3) at the interpolation points 0, 1, -1, 2, -2 and infinity (Lavin & Gray, section 4.2).
 INPUT_TRANSFORM = np.array([  # B^T
@@ -52,12 +54,15 @@ def is_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: An
 
   The products' work per output grows with inputs x outputs / (inputs + outputs), the transforms' memory traffic
   with inputs + outputs: the products win from 43 (64 -> 128 channels: 1.5-1.7x; 64 -> 64 at 256x256 is 0.9x) at
-  32x32 outputs or more (1.2-2.3x measured up to 512 channels).
+  32x32 outputs or more (1.2-2.3x measured up to 512 channels), as long as one image's transformed tiles stay
+  within `MAX_TRANSFORMED_BYTES` (cache-sized; VGG's conv2 and conv3 blocks at 512x512, 36-75 MB, raise the 512
+  batch-6 train step's peak memory by 1-2 GB).
   """
   _, height, width, _ = x_shape
   _, _, inputs, outputs = kernel_shape
+  transformed_bytes = TILE_POSITIONS * -(-height // TILE) * -(-width // TILE) * max(inputs, outputs) * 4
   return (jnp.dtype(dtype) == jnp.float32 and inputs * outputs >= 40 * (inputs + outputs)
-          and height >= 32 and width >= 32)
+          and height >= 32 and width >= 32 and transformed_bytes <= MAX_TRANSFORMED_BYTES)
 
 
 def _linear_combination(coefficients: np.ndarray, terms: list[Array]) -> Array:
@@ -94,12 +99,12 @@ def conv3x3(x: Array, kernel: Array, precision: Any = None) -> Array:
   transformed_rows = jnp.stack([_linear_combination(b, by_row) for b in INPUT_TRANSFORM])  # (6, B, rows, W', C)
   by_col = _taps(transformed_rows, 3, cols)
   transformed = jnp.stack([_linear_combination(b, by_col) for b in INPUT_TRANSFORM], axis=1)  # (6, 6, B, r, c, C)
-  transformed = transformed.reshape(36, -1, inputs)
+  transformed = transformed.reshape(TILE_POSITIONS, -1, inputs)
 
-  kernel_transform = np.einsum("ki,lj->klij", KERNEL_TRANSFORM, KERNEL_TRANSFORM).reshape(36, 9)
+  kernel_transform = np.einsum("ki,lj->klij", KERNEL_TRANSFORM, KERNEL_TRANSFORM).reshape(TILE_POSITIONS, 9)
   kernel_transformed = lax.dot_general(jnp.asarray(kernel_transform, kernel.dtype), kernel.reshape(9, -1),
                                        (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
-  products = lax.dot_general(transformed, kernel_transformed.reshape(36, inputs, outputs),
+  products = lax.dot_general(transformed, kernel_transformed.reshape(TILE_POSITIONS, inputs, outputs),
                              (((2,), (1,)), ((0,), (0,))), precision=precision)
   products = products.reshape(6, 6, batch, rows, cols, outputs)
 
