@@ -246,14 +246,27 @@ def _winograd_faster(x: Array, kernel: Array, strides: tuple[int, int], padding:
 def _winograd_by_image(x: Array, kernel: Array, precision: Any) -> Array:
   """`winograd.conv3x3` over one image per device at a time, whose transformed tiles stay in cache (1.3-1.6x
   faster than the whole batch at once at VGG's conv3_2, 3-12 images). The batch is viewed as (devices, images per
-  device) as in `_weight_grad_by_image`; the device count is `batch_shards`' (1 if undeclared)."""
+  device) as in `_weight_grad_by_image`; the device count is `batch_shards`' (1 if undeclared).
+
+  The loop writes into an output that starts as the first images' result broadcast: a zero-filled start, as
+  `lax.map` makes, is one constant that XLA shares between all such loops and copies into each, keeping a
+  full-size buffer alive from the first loop to the last (+1.5 GB at VGG's 512x512 layers, RESULTS.md 32).
+  """
   shards = _BATCH_SHARDS.get() or 1
   batch = x.shape[0]
   if batch == shards or batch % shards:
     return winograd.conv3x3(x, kernel, precision)
-  by_image = x.reshape((shards, batch // shards) + x.shape[1:]).swapaxes(0, 1)
-  y = lax.map(lambda images: winograd.conv3x3(images, kernel, precision), by_image)
-  return y.swapaxes(0, 1).reshape((batch,) + y.shape[2:])
+  # Images of one device along axis 0, or (devices, images per device) along axis 1. (A (1, images, ...) view
+  # for one device costs XLA:CPU a layout copy.)
+  axis = 0 if shards == 1 else 1
+  view = x if shards == 1 else x.reshape((shards, batch // shards) + x.shape[1:])
+  convolve = lambda i: winograd.conv3x3(lax.dynamic_index_in_dim(view, i, axis, keepdims=axis == 0), kernel,
+                                        precision)
+  first = convolve(0)
+  start = jnp.broadcast_to(jnp.expand_dims(first, axis) if axis else first, view.shape[:-3] + first.shape[-3:])
+  y = lax.fori_loop(1, view.shape[axis],
+                    lambda i, y: lax.dynamic_update_index_in_dim(y, convolve(i), i, axis), start)
+  return y.reshape((batch,) + y.shape[-3:])
 
 
 def _conv_cpu_fwd(x: Array, kernel: Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],

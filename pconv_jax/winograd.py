@@ -22,7 +22,6 @@ Array = jax.Array
 
 TILE = 4  # Outputs per tile side; each reads TILE + 2 inputs.
 TILE_POSITIONS = (TILE + 2) ** 2  # 36 transformed positions, one matrix product each.
-MAX_TRANSFORMED_BYTES = 20 * 2**20  # Per image (see `is_faster`).
 
 # F(4x4, 3x3) at the interpolation points 0, 1, -1, 2, -2 and infinity (Lavin & Gray, section 4.2).
 INPUT_TRANSFORM = np.array([  # B^T
@@ -53,16 +52,13 @@ def is_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: An
   """Whether `conv3x3`, one image at a time, beats XLA:CPU's convolution for these shapes (RESULTS.md 32).
 
   The products' work per output grows with inputs x outputs / (inputs + outputs), the transforms' memory traffic
-  with inputs + outputs: the products win from 43 (64 -> 128 channels: 1.5-1.7x; 64 -> 64 at 256x256 is 0.9x) at
-  32x32 outputs or more (1.2-2.3x measured up to 512 channels), as long as one image's transformed tiles stay
-  within `MAX_TRANSFORMED_BYTES` (cache-sized; VGG's conv2 and conv3 blocks at 512x512, 36-75 MB, raise the 512
-  batch-6 train step's peak memory by 1-2 GB).
+  with inputs + outputs: the products win from 43 (64 -> 128 channels: 1.2-1.7x; 64 -> 64 at 256x256 is 0.9x) at
+  32x32 outputs or more (1.2-2.3x measured up to 512 channels).
   """
   _, height, width, _ = x_shape
   _, _, inputs, outputs = kernel_shape
-  transformed_bytes = TILE_POSITIONS * -(-height // TILE) * -(-width // TILE) * max(inputs, outputs) * 4
   return (jnp.dtype(dtype) == jnp.float32 and inputs * outputs >= 40 * (inputs + outputs)
-          and height >= 32 and width >= 32 and transformed_bytes <= MAX_TRANSFORMED_BYTES)
+          and height >= 32 and width >= 32)
 
 
 def _linear_combination(coefficients: np.ndarray, terms: list[Array]) -> Array:
