@@ -52,8 +52,8 @@ def is_faster(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], dtype: An
   """Whether `conv3x3`, one image at a time, beats XLA:CPU's convolution for these shapes (RESULTS.md 32).
 
   The products' work per output grows with inputs x outputs / (inputs + outputs), the transforms' memory traffic
-  with inputs + outputs: the products win from 43 (64 -> 128 channels: 1.2-1.7x; 64 -> 64 at 256x256 is 0.9x) at
-  32x32 outputs or more (1.2-2.3x measured up to 512 channels).
+  with inputs + outputs: the products win from 43 (64 -> 128 channels at 128x128: 1.5-1.7x; 64 -> 64 at 256x256
+  is 0.9x) at 32x32 outputs or more (1.2-2.3x measured up to 512 channels).
   """
   _, height, width, _ = x_shape
   _, _, inputs, outputs = kernel_shape
