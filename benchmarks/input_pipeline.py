@@ -30,6 +30,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from configs import default
+from pconv_jax import images
 from pconv_jax import input_pipeline
 from pconv_jax import masks
 
@@ -109,14 +110,14 @@ def _measure(size: int, data_dir: str) -> list[tuple[str, tuple[float, float]]]:
   rng = np.random.default_rng(0)
   indices = itertools.cycle(range(len(source)))
   decoded = [input_pipeline.read_image(source, i, image_size=size)[0] for i in range(32)]
-  images = itertools.cycle(decoded)
+  photos = itertools.cycle(decoded)
 
   def decode() -> int:
     input_pipeline.read_image(source, next(indices), image_size=size)
     return 1
 
   def crop() -> int:
-    input_pipeline.to_model_range(input_pipeline.random_crop(next(images), rng, size, flip=True))
+    images.to_model_range(input_pipeline.random_crop(next(photos), rng, size, flip=True))
     return 1
 
   def mask() -> int:

@@ -11,7 +11,7 @@ process's RSS high-water mark, `ru_maxrss`, or the device's `peak_bytes_in_use` 
 own. Before each one the script waits (up to --max_wait s) until other processes use less than --max_busy cores,
 and records that load. Times are the median (and min-max) of up to --repeats steps after --warmup steps, fewer
 when the steps exceed --max_seconds (at least 2). Workers of both frameworks run with glibc's transparent huge
-pages on (as pconv_jax's entry points run, pconv_jax/hugepages.py), or both off with --nohuge_pages.
+pages on (as the README's CPU commands run pconv_jax, pconv_jax/hugepages.py), or both off with --nohuge_pages.
 
 Useful FLOPs are counted from the convolutions' shapes (2 FLOPs per multiply-add, the same count for both
 frameworks): the network's data convolutions (forward; a train step adds their input and weight gradients,
@@ -147,13 +147,13 @@ def _random_vgg_variables(seed: int) -> dict[str, Any]:
 def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
   from configs import default  # pylint: disable=import-outside-toplevel
-  from pconv_jax import models, parallel, train  # pylint: disable=import-outside-toplevel
+  from pconv_jax import parallel, train  # pylint: disable=import-outside-toplevel
   config = default.get_config()
   config.model.depth, config.model.features = spec["depth"], tuple(spec["features"])
   config.model.dtype = spec.get("dtype", "float32")
   config.data.image_size, config.optim.batch_size = spec["size"], spec["batch"]
-  model = models.create_model(config.model)
   mesh = parallel.create_mesh(1)
+  model = train.create_model(config, mesh)
   images, masks = _inputs(spec["size"], spec["batch"])
   batch = {"image": jax.device_put(images, parallel.batch_sharded(mesh)),
            "mask": jax.device_put(masks, parallel.batch_sharded(mesh))}

@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.kernel_sizes = ml_collections.config_dict.placeholder(tuple)
   config.model.partial = True  # False: the paper's "Conv" baseline (plain convolutions, holes filled).
   config.model.dtype = "float32"  # Activation dtype; "bfloat16" for mixed precision. Params stay float32.
+  # How convolutions, pooling and Gram matrices are computed (pconv_jax.kernels): "xla" (plain, every
+  # backend), "cpu" (the CPU engine, CPU devices only) or "auto" (cpu on CPU meshes, else xla).
+  config.model.conv_impl = "auto"
 
   # Images and masks (pconv_jax.input_pipeline, pconv_jax.masks).
   config.data = ml_collections.ConfigDict()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run N processes of one training job on this machine, each with its own CPU devices, connected through
-# jax.distributed and gloo CPU collectives: the multi-host code path without a cluster.
+# jax.distributed and gloo CPU collectives: the multi-host code path without a cluster. Processes get glibc's
+# transparent huge pages for XLA:CPU's buffers (pconv_jax/hugepages.py) unless GLIBC_TUNABLES is set.
 #
 #   launch/local.sh --processes 2 --devices-per-process 2 --config configs/demo.py --workdir /tmp/pconv_multi \
 #       [--port 12355] [--dry-run] [-- --config.stages.initial_steps=20 ...]
@@ -23,15 +24,16 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$config" && -n "$workdir" ]] || die "--config and --workdir are required (see --help)"
 
+tunables=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM  # SIGTERM makes every process save and exit.
 for ((i = 0; i < processes; i++)); do
   command=(python -m pconv_jax.main --config "$config" --workdir "$workdir" --num_cpu_devices "$devices"
            --coordinator_address "127.0.0.1:$port" --num_processes "$processes" --process_id "$i" "${extra[@]}")
   if [[ "$DRY_RUN" == 1 ]]; then
-    run env JAX_PLATFORMS=cpu "${command[@]}"
+    run env JAX_PLATFORMS=cpu GLIBC_TUNABLES="$tunables" "${command[@]}"
   else
-    run env JAX_PLATFORMS=cpu "${command[@]}" > "$workdir.process_$i.log" 2>&1 &
+    run env JAX_PLATFORMS=cpu GLIBC_TUNABLES="$tunables" "${command[@]}" > "$workdir.process_$i.log" 2>&1 &
     pids+=($!)
   fi
 done

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from pconv_jax import checkpoints, models
+from pconv_jax import checkpoints, models, weights
 from pconv_jax.errors import UserError
 
 _KEY = re.compile(r"^(ec|dc)_images_(\d+)\.(conv|bn)\.(weight|bias|running_mean|running_var)$")
@@ -102,20 +102,9 @@ def from_torch_punet(state_dict: Mapping[str, Any], dtype: Any = np.float32) -> 
 
 def load_torch_state_dict(path: str) -> dict[str, Any]:
   """Reads a .pth file: a state dict, or a training checkpoint holding one under 'state_dict' or 'model'."""
-  try:
-    import torch
-  except ImportError as error:
-    raise ConversionError("Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel).") from error
-  try:
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-  except (OSError, RuntimeError, EOFError, ValueError) as error:
-    raise ConversionError(f"Cannot read {path} as a PyTorch file: {error}") from error
-  for key in ("state_dict", "model", "generator"):
-    if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
-      return dict(loaded[key])
-  if not isinstance(loaded, Mapping):
-    raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state dict.")
-  return dict(loaded)
+  missing_torch = ConversionError(
+      "Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel).")
+  return weights.read_torch_state_dict(path, missing_torch, lambda where, problem: ConversionError(problem))
 
 
 def main(argv: list[str] | None = None) -> None:

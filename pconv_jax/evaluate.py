@@ -36,8 +36,8 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from pconv_jax import (baselines, checkpoints, hugepages, inception, input_pipeline, masks, metrics, models,
-                       parallel)
+from pconv_jax import (baselines, checkpoints, images, inception, input_pipeline, kernels, masks, metrics,
+                       models, parallel)
 from pconv_jax.errors import ConfigError, UserError
 
 MODEL_METHOD = "pconv"
@@ -70,11 +70,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           f"config.data.image_size is {config.data.image_size}.")
 
 
-def _global(array: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """A global array from host data that every process holds in full."""
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 def _host(array: jax.Array) -> np.ndarray:
   return np.asarray(array.addressable_data(0))  # Replicated: every device holds all of it.
 
@@ -87,11 +82,10 @@ class _Runner:
     devices = mesh.devices.size
     self.batch_size = -(-batch_size // devices) * devices
     self._sharded, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
-    put = lambda tree: jax.tree.map(lambda x: _global(np.asarray(x), replicated), tree)  # noqa: E731
-    self._variables = put(variables)
+    self._variables = parallel.replicate(variables, mesh)
 
-    def predict(variables, images, masks_):
-      return metrics.composite(model.apply(variables, images, masks_, train=False), images, masks_)
+    def predict(variables, targets, masks_):
+      return images.composite(model.apply(variables, targets, masks_, train=False), targets, masks_)
 
     def score(predictions, targets):
       return metrics.image_metrics(metrics.to_unit_range(predictions), metrics.to_unit_range(targets))
@@ -99,7 +93,7 @@ class _Runner:
     self._predict = jax.jit(predict, out_shardings=replicated)
     self._score = jax.jit(score, out_shardings=replicated)
     if network is not None:
-      self._inception_variables = put(network.variables)
+      self._inception_variables = parallel.replicate(network.variables, mesh)
       module = network.module()
       self._inception = jax.jit(lambda v, x: module.apply(v, metrics.to_unit_range(x)), out_shardings=replicated)
     else:
@@ -107,7 +101,7 @@ class _Runner:
 
   def _pad(self, array: np.ndarray, fill: float) -> jax.Array:
     padding = np.full((self.batch_size - len(array),) + array.shape[1:], fill, array.dtype)
-    return _global(np.concatenate([array, padding]), self._sharded)
+    return parallel.global_arrays(np.concatenate([array, padding]), self._sharded)
 
   def predict(self, images: np.ndarray, masks_: np.ndarray) -> np.ndarray:
     """Composites (n, H, W, 3) on [-1, 1] for n <= batch_size pairs; padding pairs have no hole."""
@@ -136,27 +130,20 @@ class _MethodResult:
   logits: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] -> uint8 (exact for images that came from uint8, as the evaluation images do)."""
-  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def _from_uint8(images: np.ndarray) -> np.ndarray:
-  return images.astype(np.float32) / 127.5 - 1.0
-
-
-def _evaluate_bin(runner: _Runner, images: np.ndarray, bin_masks: np.ndarray, methods: Sequence[str],
+def _evaluate_bin(runner: _Runner, targets: np.ndarray, bin_masks: np.ndarray, methods: Sequence[str],
                   sample_index: int) -> tuple[dict[str, _MethodResult], dict[str, np.ndarray]]:
   """Every method on the P = max(N, M) pairs of one bin; also the outputs of pair `sample_index` for the grid."""
-  pairs = max(len(images), len(bin_masks))
+  pairs = max(len(targets), len(bin_masks))
   results = {method: _MethodResult() for method in methods}
   sample = {}
   for start in range(0, pairs, runner.batch_size):
     index = np.arange(start, min(start + runner.batch_size, pairs))
-    batch_images, batch_masks = images[index % len(images)], bin_masks[index % len(bin_masks)].astype(np.float32)
+    batch_images = targets[index % len(targets)]
+    batch_masks = bin_masks[index % len(bin_masks)].astype(np.float32)
     outputs = {MODEL_METHOD: runner.predict(batch_images, batch_masks)}
     for method in methods[1:]:
-      outputs[method] = _from_uint8(baselines.inpaint(method, _to_uint8(batch_images), batch_masks))
+      filled = baselines.inpaint(method, images.to_uint8(batch_images), batch_masks)
+      outputs[method] = images.to_model_range(filled)
     for method, output in outputs.items():
       for key, value in runner.image_metrics(output, batch_images).items():
         results[method].values[key].append(value)
@@ -238,11 +225,8 @@ def _json_safe(value: Any) -> Any:
 
 def _sample_grid(samples: Sequence[Mapping[str, np.ndarray]], methods: Sequence[str]) -> np.ndarray:
   """One row per bin: input with white holes, each method's composite, ground truth; uint8."""
-  rows = []
-  for sample in samples:
-    masked = sample["input"] * sample["mask"] + (1.0 - sample["mask"])
-    rows.append(np.concatenate([masked, *(sample[m] for m in methods), sample["input"]], axis=1))
-  return _to_uint8(np.concatenate(rows, axis=0))
+  return images.grid([[images.with_white_holes(s["input"], s["mask"]), *(s[m] for m in methods), s["input"]]
+                      for s in samples])
 
 
 def _notes(config: ml_collections.ConfigDict, network: inception.Inception | None, meta: Mapping[str, Any],
@@ -282,33 +266,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
   validate_config(config)
   cfg = config.eval
   directory = epath.Path(checkpoint) if checkpoint is not None else epath.Path(workdir) / "checkpoints"
+  mesh = parallel.create_mesh(config.mesh.data)
   model, variables, meta = checkpoints.load_model(directory, cfg.step)
+  model = model.clone(kernels=kernels.select(config.model.conv_impl, mesh.devices.flat))
   step = meta["step"]
   network = inception.resolve(cfg.inception_weights) if cfg.inception else None
   available = len(input_pipeline.create_image_source(config.data, train=False))
   if cfg.num_images is not None and cfg.num_images > available:
     raise EvalConfigError(f"config.eval.num_images is {cfg.num_images} but the evaluation images number "
                           f"{available}: set it to at most {available}, or to None for all of them.")
-  images = input_pipeline.load_eval_images(config.data, cfg.num_images)
+  targets = input_pipeline.load_eval_images(config.data, cfg.num_images)
   mask_sets = masks.load_eval_masks(config.data, cfg.masks_per_bin, seed=cfg.seed)
-  logging.info("Evaluating %s step %d on %d images and mask sets %s.", directory, step, len(images),
+  logging.info("Evaluating %s step %d on %d images and mask sets %s.", directory, step, len(targets),
                {name: {bin_label(i): len(m) for i, m in sets.items()} for name, sets in mask_sets.items()})
 
-  runner = _Runner(model, variables, network, parallel.create_mesh(config.mesh.data), cfg.batch_size)
+  runner = _Runner(model, variables, network, mesh, cfg.batch_size)
   real_features = None
   if runner.has_inception:
-    real_features = np.concatenate([runner.inception(images[s:s + runner.batch_size])[0]
-                                    for s in range(0, len(images), runner.batch_size)])
+    real_features = np.concatenate([runner.inception(targets[s:s + runner.batch_size])[0]
+                                    for s in range(0, len(targets), runner.batch_size)])
   methods = (MODEL_METHOD,) + tuple(cfg.baselines)
   rows, grids, pairs = [], {}, {}
   for set_name, by_bin in mask_sets.items():
     samples, pairs[set_name] = [], {}
     for bin_index in range(len(masks.HOLE_RATIO_BINS)):
-      bin_masks = by_bin.get(bin_index, np.zeros((0,) + images.shape[1:3] + (1,), np.uint8))
-      count = max(len(images), len(bin_masks)) if len(bin_masks) else 0
+      bin_masks = by_bin.get(bin_index, np.zeros((0,) + targets.shape[1:3] + (1,), np.uint8))
+      count = max(len(targets), len(bin_masks)) if len(bin_masks) else 0
       pairs[set_name][bin_label(bin_index)] = count
       if count:
-        by_method, sample = _evaluate_bin(runner, images, bin_masks, methods, bin_index % count)
+        by_method, sample = _evaluate_bin(runner, targets, bin_masks, methods, bin_index % count)
         samples.append(sample)
       for method in methods:
         values = (_summarise(by_method[method], real_features) if count
@@ -319,7 +305,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
       grids[set_name] = _sample_grid(samples, methods)
 
   results = {
-      "checkpoint": str(directory), "step": step, "num_images": len(images), "image_size": int(images.shape[1]),
+      "checkpoint": str(directory), "step": step, "num_images": len(targets), "image_size": int(targets.shape[1]),
       "mask_source": config.data.masks.test_dir or "procedural evaluation masks", "pairs": pairs,
       "inception": None if network is None else network.source,
       "notes": _notes(config, network, meta, pairs, methods), "rows": rows}
@@ -362,5 +348,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  hugepages.reexec_with_huge_pages()
   main()

@@ -33,14 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from pconv_jax import checkpoints, models
+from pconv_jax import checkpoints, images, kernels, models
 from pconv_jax.errors import UserError
 
 POLARITIES = ("white_hole", "black_hole")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-MASK_THRESHOLD = 128
 
 
 class InpaintError(UserError, ValueError):
@@ -55,13 +53,15 @@ class Inpainter:
   batch_size: int = 4
 
   @classmethod
-  def from_checkpoint(cls, path: str | epath.Path, step: int | None = None, batch_size: int = 4) -> "Inpainter":
-    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable step by default);
-    local or on an object store (gs://)."""
+  def from_checkpoint(cls, path: str | epath.Path, step: int | None = None, batch_size: int = 4,
+                      conv_impl: str = "auto") -> "Inpainter":
+    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable step by
+    default); local or on an object store (gs://). `conv_impl` as `config.model.conv_impl`."""
     path = epath.Path(path).expanduser()
     if (path / "checkpoints").is_dir():
       path = path / "checkpoints"
     model, variables, _ = checkpoints.load_model(path, step)
+    model = model.clone(kernels=kernels.select(conv_impl, jax.devices()[:1]))
     return cls(model, variables, batch_size)
 
   @functools.cached_property
@@ -97,20 +97,20 @@ class Inpainter:
     return (-(-size[0] // m) * m, -(-size[1] // m) * m)
 
   def _predict(self, images: list[np.ndarray], holes: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
-    """Network outputs on [-1, 1], each cropped to its image's size. The batch is padded to `batch_size` so that
-    every batch of one size reuses one compilation."""
+    """Network outputs on [-1, 1] for images on [-1, 1], each cropped to its image's size. The batch is
+    padded to `batch_size` so that every batch of one size reuses one compilation."""
     batch = np.zeros((self.batch_size, *size, 3), np.float32)
     valid = np.zeros((self.batch_size, *size, 1), np.float32)  # Padding rows and columns are holes.
     for k, (image, hole) in enumerate(zip(images, holes)):
       h, w = hole.shape
-      batch[k, :h, :w] = image * 2.0 - 1.0
+      batch[k, :h, :w] = image
       valid[k, :h, :w, 0] = ~hole
     outputs = np.asarray(self._apply(self.variables, jnp.asarray(batch), jnp.asarray(valid)))
     return [outputs[k, :hole.shape[0], :hole.shape[1]] for k, hole in enumerate(holes)]
 
 
 def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-  """(image as float32 on [0, 1], hole as bool (H, W)); raises InpaintError for unusable inputs."""
+  """(image as float32 on [-1, 1], hole as bool (H, W)); raises InpaintError for unusable inputs."""
   image, hole = np.asarray(image), np.asarray(hole)
   if image.ndim != 3 or image.shape[-1] != 3:
     raise InpaintError(f"{name}: expected an RGB image of shape (H, W, 3), got {image.shape}.")
@@ -127,19 +127,18 @@ def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, 
   if hole.all():
     raise InpaintError(f"{name}: the mask is all hole, so no known pixel is left to inpaint from.")
   if image.dtype == np.uint8:
-    return image.astype(np.float32) / 255.0, hole
+    return images.to_model_range(image), hole
   if not np.issubdtype(image.dtype, np.floating):
     raise InpaintError(f"{name}: expected uint8 or float pixels, got {image.dtype}.")
   if not (np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0):
     raise InpaintError(f"{name}: float images must lie on [0, 1]; got values in [{image.min()}, {image.max()}].")
-  return image.astype(np.float32), hole
+  return image.astype(np.float32) * 2.0 - 1.0, hole
 
 
 def _merge(image: np.ndarray, hole: np.ndarray, output: np.ndarray) -> np.ndarray:
   """The output (on [-1, 1]) in the hole, `image` itself elsewhere, in `image`'s dtype and range."""
-  unit = (output + 1.0) / 2.0
-  filled = (np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8) if image.dtype == np.uint8
-            else np.clip(unit, 0.0, 1.0).astype(image.dtype))
+  filled = (images.to_uint8(output) if image.dtype == np.uint8
+            else np.clip((output + 1.0) / 2.0, 0.0, 1.0).astype(image.dtype))
   return np.where(hole[..., None], filled, image)
 
 
@@ -150,38 +149,24 @@ def _merge(image: np.ndarray, hole: np.ndarray, output: np.ndarray) -> np.ndarra
 def read_image(path: Path) -> np.ndarray:
   """An image file as uint8 RGB (H, W, 3), EXIF orientation applied, alpha dropped."""
   try:
-    with Image.open(path) as image:
-      image.load()
-      image = ImageOps.exif_transpose(image)
-      if image.mode.startswith("I"):  # 16/32-bit greyscale: scale to 8 bits.
-        image = Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).astype(np.uint8))
-      return np.asarray(image.convert("RGB"))
+    return np.asarray(images.load(path).convert("RGB"))
   except FileNotFoundError as e:
     raise InpaintError(f"{path}: no such file.") from e
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except images.DECODE_ERRORS as e:
     raise InpaintError(f"{path}: cannot read it as an image ({e}).") from e
 
 
 def read_hole_mask(path: Path, polarity: str = "white_hole") -> tuple[np.ndarray, int]:
-  """A mask file as bool (H, W), True = hole, and the number of pixels that were neither black nor white.
-
-  The file is read as 8-bit grey (EXIF orientation applied, as for the image) and thresholded: >= 128 is white.
-  """
+  """A mask file as bool (H, W), True = hole, and the number of pixels that were neither black nor white
+  (`images.read_mask`: EXIF orientation applied, grey >= 128 is white)."""
   if polarity not in POLARITIES:
     raise InpaintError(f"Unknown mask polarity {polarity!r}; use one of {POLARITIES}.")
   try:
-    with Image.open(path) as mask:
-      mask.load()
-      mask = ImageOps.exif_transpose(mask)
-      if mask.mode.startswith("I"):
-        mask = Image.fromarray(np.clip(np.asarray(mask) / 257, 0, 255).astype(np.uint8))
-      grey = np.asarray(mask.convert("L"))
+    white, grey_pixels = images.read_mask(path)
   except FileNotFoundError as e:
     raise InpaintError(f"{path}: no such file.") from e
-  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except images.DECODE_ERRORS as e:
     raise InpaintError(f"{path}: cannot read it as a mask image ({e}).") from e
-  white = grey >= MASK_THRESHOLD
-  grey_pixels = int(np.count_nonzero((grey != 0) & (grey != 255)))
   return (white if polarity == "white_hole" else ~white), grey_pixels
 
 
@@ -206,15 +191,15 @@ def _pairs(image_arg: Path, mask_arg: Path, output_arg: Path) -> list[tuple[Path
                        f"{mask_arg} is not a folder.")
   if output_arg.exists() and not output_arg.is_dir():
     raise InpaintError(f"--image is a folder, so --output must be a folder; {output_arg} is a file.")
-  images = sorted(p for p in image_arg.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-  if not images:
-    raise InpaintError(f"{image_arg} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+  photos = sorted(p for p in image_arg.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file())
+  if not photos:
+    raise InpaintError(f"{image_arg} holds no images ({', '.join(images.IMAGE_SUFFIXES)}).")
   masks_by_stem: dict[str, list[Path]] = {}
   for p in sorted(mask_arg.iterdir()):
-    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+    if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file():
       masks_by_stem.setdefault(p.stem, []).append(p)
   pairs, problems = [], []
-  for image in images:
+  for image in photos:
     candidates = masks_by_stem.get(image.stem, [])
     if len(candidates) != 1:
       problems.append(f"{image.name}: {'no mask' if not candidates else 'several masks'} named {image.stem}.* in "
@@ -228,7 +213,7 @@ def _pairs(image_arg: Path, mask_arg: Path, output_arg: Path) -> list[tuple[Path
 
 def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[list, list, list[str], list[str]]:
   """Reads and checks every pair before any inference: (images, holes, warnings, problems)."""
-  images, holes, warnings, problems = [], [], [], []
+  photos, holes, warnings, problems = [], [], [], []
   flip = "black_hole" if polarity == "white_hole" else "white_hole"
   for image_path, mask_path, _ in pairs:
     try:
@@ -236,7 +221,7 @@ def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[li
       hole, grey_pixels = read_hole_mask(mask_path, polarity)
       if grey_pixels:
         warnings.append(f"{mask_path}: not a binary mask ({grey_pixels} pixels are neither black nor white); "
-                        f"thresholded at {MASK_THRESHOLD}: lighter pixels count as white.")
+                        f"thresholded at {images.MASK_THRESHOLD}: lighter pixels count as white.")
       colour = "white" if polarity == "white_hole" else "black"
       if hole.shape == image.shape[:2] and not hole.any():
         raise InpaintError(f"{mask_path}: the mask has no hole (no {colour} pixel with --mask_polarity "
@@ -247,11 +232,11 @@ def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[li
                            f"{polarity}), so no known pixel is left. If holes are the other colour, pass "
                            f"--mask_polarity {flip}.")
       _check(image, hole, f"{image_path} with mask {mask_path}")
-      images.append(image)
+      photos.append(image)
       holes.append(hole)
     except InpaintError as e:
       problems.append(str(e))
-  return images, holes, warnings, problems
+  return photos, holes, warnings, problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,13 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
       raise InpaintError(f"--batch_size must be positive, got {args.batch_size}.")
     pairs = _pairs(args.image, args.mask, args.output)
-    images, holes, warnings, problems = _load_pairs(pairs, args.mask_polarity)
+    photos, holes, warnings, problems = _load_pairs(pairs, args.mask_polarity)
     for warning in warnings:
       print(f"warning: {warning}", file=sys.stderr)
     if problems:
       raise InpaintError("\nerror: ".join(problems))
     inpainter = Inpainter.from_checkpoint(args.checkpoint, args.step, args.batch_size)
-    for (_, _, output_path), result in zip(pairs, inpainter.inpaint_many(images, holes)):
+    for (_, _, output_path), result in zip(pairs, inpainter.inpaint_many(photos, holes)):
       write_image(result, output_path)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

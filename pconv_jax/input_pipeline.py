@@ -38,10 +38,9 @@ import numpy as np
 from PIL import Image, ImageOps
 import tensorflow_datasets as tfds
 
+from pconv_jax import images
 from pconv_jax import masks as masks_lib
 from pconv_jax.errors import ConfigError, DataError, MissingDataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # Colour photos in scikit-image's wheel (skimage/data) that load without a download. The motorcycle stereo
 # pair stays on one side of the split so the demo's eval photos are unseen.
@@ -49,8 +48,6 @@ DEMO_TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motor
                      "motorcycle_right.png", "retina.jpg", "rocket.jpg")
 DEMO_EVAL_PHOTOS = ("chelsea.png", "coffee.png")
 
-# Errors that mark one image as unreadable (UnidentifiedImageError and truncated files are OSErrors).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 _MAX_CONSECUTIVE_SKIPS = 100
 _STATE_VERSION = 1
 
@@ -114,10 +111,10 @@ def folder_source(folder: str | pathlib.Path) -> FileSource:
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
     raise MissingDataError(f"Image folder {root} does not exist (config.data.folder / eval_folder).")
-  paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+  paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file()),
                  key=lambda p: p.relative_to(root).as_posix())
   if not paths:
-    raise DataError(f"Image folder {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    raise DataError(f"Image folder {root} holds no image files ({', '.join(images.IMAGE_SUFFIXES)}).")
   return FileSource(tuple(str(p) for p in paths))
 
 
@@ -181,9 +178,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
   if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-  if image.mode.startswith("I"):
-    return Image.fromarray(np.clip(np.asarray(image) / 257, 0, 255).astype(np.uint8)).convert("RGB")
-  return image.convert("RGB")
+  return images.to_8bit(image).convert("RGB")
 
 
 def decode_image(data: bytes, *, image_size: int, resize_shorter_side: int | None = None) -> Image.Image:
@@ -191,7 +186,7 @@ def decode_image(data: bytes, *, image_size: int, resize_shorter_side: int | Non
 
   Applies the EXIF orientation. Images smaller than image_size are resized up (bicubic); with
   `resize_shorter_side`, JPEGs are decoded at a reduced scale first (PIL draft mode) when that is enough.
-  Raises one of the errors in `_DECODE_ERRORS` for unreadable data.
+  Raises one of `images.DECODE_ERRORS` for unreadable data.
   """
   with Image.open(io.BytesIO(data)) as image:
     if resize_shorter_side and image.format == "JPEG":
@@ -226,14 +221,6 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
   return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
-def to_model_range(image: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1], any shape."""
-  scaled = image.astype(np.float32)
-  scaled /= 127.5
-  scaled -= 1.0
-  return scaled
-
-
 def read_image(source: ImageSource, index: int, *, image_size: int,
                resize_shorter_side: int | None = None) -> tuple[Image.Image, int]:
   """Decodes record `index`, or the next readable one; returns (image, number of records skipped)."""
@@ -242,7 +229,7 @@ def read_image(source: ImageSource, index: int, *, image_size: int,
     try:
       return decode_image(source[position], image_size=image_size,
                           resize_shorter_side=resize_shorter_side), skipped
-    except _DECODE_ERRORS as e:
+    except images.DECODE_ERRORS as e:
       logging.warning("Skipping unreadable image %s: %s", source.describe(position), e)
   raise DataError(f"{_MAX_CONSECUTIVE_SKIPS} consecutive unreadable images from "
                      f"{source.describe(index)} on; the data set looks corrupt.")
@@ -278,7 +265,7 @@ def _with_position(position: int, record: int) -> tuple[int, int]:
 
 
 def _batch_to_model(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"image": to_model_range(batch["image"]), "mask": batch["mask"].astype(np.float32),
+  return {"image": images.to_model_range(batch["image"]), "mask": batch["mask"].astype(np.float32),
           "num_skipped": batch["num_skipped"]}
 
 
@@ -288,7 +275,7 @@ class TrainIterator:
   The state (`get_state()`: JSON bytes, like grain's `DataLoaderIterator`) is the next step plus the
   skipped-image count. Save and restore it with orbax through grain's handler, as a CheckpointManager item:
   `grain.checkpoint.CheckpointSave(iterator)` / `grain.checkpoint.CheckpointRestore(iterator)`.
-  Worker processes start on the first `next()` (or `start_prefetch()`); call `close()` to stop them.
+  Worker processes start on the first `next()`; call `close()` to stop them.
   """
 
   def __init__(self, batches: grain.MapDataset, *, worker_count: int, buffer_size: int, read_threads: int,
@@ -331,7 +318,11 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = _batch_to_model(next(self._ensure_started()))
-    self._num_skipped += int(batch.pop("num_skipped").sum())
+    skipped = int(batch.pop("num_skipped").sum())
+    if skipped:
+      self._num_skipped += skipped
+      logging.warning("Batch %d: %d unreadable image(s) replaced by the next readable ones (%d so far).",
+                      self._step, skipped, self._num_skipped)
     self._step += 1
     return batch
 
@@ -362,6 +353,8 @@ class TrainIterator:
     self._step = step
 
   def start_prefetch(self) -> None:
+    """Starts preparing batches from the current step (grain's checkpoint handler calls it after
+    `set_state`)."""
     self._ensure_started().start_prefetch()
 
   def close(self) -> None:
@@ -426,13 +419,6 @@ def create_train_iter(config: ml_collections.ConfigDict, *, global_batch_size: i
                                     "num_records": len(source)})
 
 
-def make_global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
-                      data_axis: str = "data") -> dict[str, jax.Array]:
-  """Per-process batches -> global arrays sharded over `data_axis` (concatenated in process order)."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis))
-  return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()}
-
-
 def load_eval_images(config: ml_collections.ConfigDict, num_images: int | None = None) -> np.ndarray:
   """A fixed array of evaluation images, float32 (n, H, W, 3) in [-1, 1].
 
@@ -445,9 +431,9 @@ def load_eval_images(config: ml_collections.ConfigDict, num_images: int | None =
   count = len(source) if num_images is None else num_images
   if not 0 < count <= len(source):
     raise ConfigError(f"Asked for {count} evaluation images; the evaluation source has {len(source)}.")
-  images = []
+  crops = []
   for index in (np.arange(count) * len(source)) // count:
     image, _ = read_image(source, int(index), image_size=config.image_size,
                           resize_shorter_side=config.resize_shorter_side)
-    images.append(to_model_range(center_crop(image, config.image_size)))
-  return np.stack(images)
+    crops.append(images.to_model_range(center_crop(image, config.image_size)))
+  return np.stack(crops)

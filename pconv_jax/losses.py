@@ -12,8 +12,8 @@ and Psi_p the VGG-16 features pool1, pool2, pool3:
                 P = the hole region dilated by one pixel (3x3 square)
   total       = sum_t weights[t] * t        (paper: valid 1, hole 6, perceptual 0.05, style 120 + 120, tv 0.1)
 
-Pixel terms are float32. VGG activations use the output's dtype (bfloat16 output -> bfloat16 VGG) with float32
-accumulation in convolutions, Gram matrices and means. With `vgg_variables=None` the perceptual and style terms
+Pixel terms are float32 (float64 for float64 outputs). VGG activations use the output's dtype (bfloat16
+output -> bfloat16 VGG) with float32 accumulation in convolutions, Gram matrices and means. With `vgg_variables=None` the perceptual and style terms
 are reported as 0.0 and add nothing to the total; the terms dict always has the same keys.
 """
 
@@ -24,15 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pconv_jax import vgg
+from pconv_jax import images, vgg
+from pconv_jax.kernels import XLA, Kernels
 
 Array = jax.Array
 TERMS = ("valid", "hole", "perceptual", "style_out", "style_comp", "tv")
-
-
-def composite(output: Array, target: Array, mask: Array) -> Array:
-  """The output inside the holes, the ground truth elsewhere."""
-  return mask * target + (1.0 - mask) * output
 
 
 def valid_loss(output: Array, target: Array, mask: Array) -> Array:
@@ -45,8 +41,13 @@ def hole_loss(output: Array, target: Array, mask: Array) -> Array:
   return jnp.mean(jnp.abs(jnp.broadcast_to(1.0 - mask, output.shape) * (output - target)))
 
 
+def _wide(x: Array) -> Array:
+  """x in float32, or float64 if it is."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _mean_abs_diff(a: Array, b: Array) -> Array:
-  return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+  return jnp.mean(jnp.abs(_wide(a) - _wide(b)))
 
 
 def perceptual_loss(features: Sequence[Array], target_features: Sequence[Array]) -> Array:
@@ -54,38 +55,18 @@ def perceptual_loss(features: Sequence[Array], target_features: Sequence[Array])
   return sum(_mean_abs_diff(f, g) for f, g in zip(features, target_features, strict=True))
 
 
-def gram(features: Array) -> Array:
-  """(B, C, C) Gram matrices of (B, H, W, C) features divided by C*H*W, accumulated in float32 or wider."""
+def gram(features: Array, kernels: Kernels = XLA) -> Array:
+  """(B, C, C) Gram matrices of (B, H, W, C) features divided by C*H*W, in float32 or wider."""
   _, h, w, c = features.shape
-  return _feature_products(features) / (c * h * w)
+  return kernels.feature_products(features) / (c * h * w)
 
 
-@jax.custom_vjp
-def _feature_products(features: Array) -> Array:
-  """features^T features per image, (B, C, C), in float32 or wider."""
-  return jnp.einsum("bhwc,bhwd->bcd", features, features, precision=lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.promote_types(features.dtype, jnp.float32))
-
-
-def _feature_products_fwd(features: Array) -> tuple[Array, Array]:
-  return _feature_products(features), features
-
-
-def _feature_products_bwd(features: Array, g: Array) -> tuple[Array]:
-  # d(F^T F) = F (g + g^T), contracted so that the result comes out in F's (B, H, W, C) layout: autodiff's
-  # transposed product gives (B, C, H*W) and a transpose back (benchmarks/RESULTS.md, optimisation 21).
-  symmetric = (g + jnp.swapaxes(g, 1, 2)).astype(features.dtype)
-  grad = jnp.einsum("bhwd,bdc->bhwc", features, symmetric, precision=lax.Precision.HIGHEST,
-                    preferred_element_type=g.dtype)
-  return (grad.astype(features.dtype),)
-
-
-_feature_products.defvjp(_feature_products_fwd, _feature_products_bwd)
-
-
-def style_loss(features: Sequence[Array], target_grams: Sequence[Array]) -> Array:
+def style_loss(
+    features: Sequence[Array], target_grams: Sequence[Array], kernels: Kernels = XLA
+) -> Array:
   """sum over layers of mean |gram(features) - target Gram|."""
-  return sum(_mean_abs_diff(gram(f), g) for f, g in zip(features, target_grams, strict=True))
+  pairs = zip(features, target_grams, strict=True)
+  return sum(_mean_abs_diff(gram(f, kernels), g) for f, g in pairs)
 
 
 def dilated_holes(mask: Array) -> Array:
@@ -102,14 +83,19 @@ def tv_loss(composite_image: Array, mask: Array) -> Array:
 
 
 def feature_losses(
-    output: Array, composite_image: Array, target: Array, vgg_variables: Any, dtype: Any = jnp.float32,
+    output: Array,
+    composite_image: Array,
+    target: Array,
+    vgg_variables: Any,
+    dtype: Any = jnp.float32,
+    kernels: Kernels = XLA,
 ) -> dict[str, Array]:
-  """perceptual, style_out and style_comp. The ground truth's features are computed once, without gradient;
-  output and composite share one batched VGG pass."""
-  model = vgg.VGG16Features(dtype=dtype)
+  """perceptual, style_out and style_comp. The ground truth's features are computed once, without
+  gradient; output and composite share one batched VGG pass."""
+  model = vgg.VGG16Features(dtype=dtype, kernels=kernels)
   variables = jax.tree.map(lax.stop_gradient, vgg_variables)
   target_features = lax.stop_gradient(model.apply(variables, target))
-  target_grams = [gram(f) for f in target_features]
+  target_grams = [gram(f, kernels) for f in target_features]
   batch = output.shape[0]
   both = model.apply(variables, jnp.concatenate([output, composite_image]))
   output_features = [f[:batch] for f in both]
@@ -117,8 +103,8 @@ def feature_losses(
   return {
       "perceptual": perceptual_loss(output_features, target_features)
                     + perceptual_loss(composite_features, target_features),
-      "style_out": style_loss(output_features, target_grams),
-      "style_comp": style_loss(composite_features, target_grams),
+      "style_out": style_loss(output_features, target_grams, kernels),
+      "style_comp": style_loss(composite_features, target_grams, kernels),
   }
 
 
@@ -137,7 +123,12 @@ def _weight(weights: Any, name: str) -> Any:
 
 
 def inpainting_loss(
-    output: Array, target: Array, mask: Array, vgg_variables: Any | None, weights: Any,
+    output: Array,
+    target: Array,
+    mask: Array,
+    vgg_variables: Any | None,
+    weights: Any,
+    kernels: Kernels = XLA,
 ) -> tuple[Array, dict[str, Array]]:
   """The paper's total loss and its unweighted terms.
 
@@ -147,23 +138,25 @@ def inpainting_loss(
     mask: (B, H, W, 1) or (B, H, W, 3), 1 = valid pixel, 0 = hole; no gradient flows into it.
     vgg_variables: from `vgg.resolve_weights`, or None to switch the perceptual and style terms off (reported
       as 0.0).
-    weights: a mapping (dict, ConfigDict such as `config.loss`) with the keys in TERMS; other keys are ignored.
+    weights: a mapping (dict, ConfigDict such as `config.loss`) with the keys in TERMS; other keys are
+      ignored.
+    kernels: computes VGG-16 and the Gram matrices (`pconv_jax.kernels`).
 
   Returns:
-    (total, {term: float32 scalar}) with the keys of TERMS.
+    (total, {term: scalar}) with the keys of TERMS, float32 (float64 for a float64 output).
   """
   _check_shapes(output, target, mask)
   vgg_dtype = output.dtype
-  output = output.astype(jnp.float32)
-  target = lax.stop_gradient(target.astype(jnp.float32))
-  mask = lax.stop_gradient(mask.astype(jnp.float32))
-  comp = composite(output, target, mask)
+  output = _wide(output)
+  target = lax.stop_gradient(target.astype(output.dtype))
+  mask = lax.stop_gradient(mask.astype(output.dtype))
+  comp = images.composite(output, target, mask)
   terms = {"valid": valid_loss(output, target, mask), "hole": hole_loss(output, target, mask),
            "tv": tv_loss(comp, mask)}
   if vgg_variables is None:
-    terms.update(dict.fromkeys(("perceptual", "style_out", "style_comp"), jnp.zeros((), jnp.float32)))
+    terms.update(dict.fromkeys(("perceptual", "style_out", "style_comp"), jnp.zeros((), output.dtype)))
   else:
-    terms.update(feature_losses(output, comp, target, vgg_variables, vgg_dtype))
+    terms.update(feature_losses(output, comp, target, vgg_variables, vgg_dtype, kernels))
   terms = {name: terms[name] for name in TERMS}
   total = sum(_weight(weights, name) * value for name, value in terms.items())
   return total, terms

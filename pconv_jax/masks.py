@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pconv_jax import images
 from pconv_jax.errors import ConfigError, DataError, MissingDataError
 
 # The paper's hole-to-image area ratio bins: (0.01, 0.1], (0.1, 0.2], ..., (0.5, 0.6].
@@ -227,19 +228,18 @@ def list_mask_files(directory: str | pathlib.Path, *, check_readable: bool = Tru
       try:
         with Image.open(path) as image:
           image.size  # pylint: disable=pointless-statement
-      except (OSError, ValueError, SyntaxError) as e:
+      except images.DECODE_ERRORS as e:
         raise DataError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
   return paths
 
 
 def read_mask_png(path: str | pathlib.Path) -> np.ndarray:
-  """Reads a PNG mask with white = hole as (H, W, 1) uint8 with 1 = valid (threshold at 128)."""
+  """Reads a PNG mask with white = hole as (H, W, 1) uint8 with 1 = valid (`images.read_mask`)."""
   try:
-    with Image.open(path) as image:
-      grey = np.asarray(image.convert("L"))
-  except (OSError, ValueError, SyntaxError) as e:
+    white, _ = images.read_mask(path)
+  except images.DECODE_ERRORS as e:
     raise DataError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
-  return (grey < 128).astype(np.uint8)[..., None]
+  return (~white).astype(np.uint8)[..., None]
 
 
 def _resize_nearest(mask: np.ndarray, size: Size) -> np.ndarray:

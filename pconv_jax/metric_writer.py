@@ -49,11 +49,6 @@ class MetricWriter:
     (self._logdir / "hparams.json").write_text(text)
     self._writer.add_text("hparams", f"```\n{text}\n```", global_step=0)
 
-  def flush(self) -> None:
-    if self.enabled:
-      self._writer.flush()
-      self._jsonl.flush()
-
   def close(self) -> None:
     if self.enabled:
       self._writer.close()

@@ -11,7 +11,7 @@ PSNR and SSIM come from dm-pix (DeepMind's JAX image library):
   * L1: mean absolute error over all pixels and channels, in percent of the data range.
 
 The paper reports them on the composite (the network's output in the holes, the known pixels of the input
-elsewhere): see `composite`.
+elsewhere): `images.composite`.
 
 The set-level metrics (Inception score from classifier logits, FID from pool features) run on the host in
 float64 NumPy: they are reductions over a whole evaluation set, not per-batch quantities.
@@ -33,11 +33,6 @@ SSIM_K2 = 0.03
 def to_unit_range(images: Array) -> Array:
   """Model images on [-1, 1] -> [0, 1]."""
   return (images + 1.0) / 2.0
-
-
-def composite(outputs: Array, images: Array, masks: Array) -> Array:
-  """The network's output in the holes, the input's known pixels elsewhere (masks: 1 = valid, 0 = hole)."""
-  return masks * images + (1.0 - masks) * outputs
 
 
 def l1_percent(predictions: Array, targets: Array) -> Array:

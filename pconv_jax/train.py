@@ -24,7 +24,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from pconv_jax import checkpoints, evaluate, input_pipeline, layers, losses, masks, models, parallel, vgg
+from pconv_jax import (checkpoints, evaluate, images, input_pipeline, kernels, losses, masks, models,
+                       parallel, vgg)
 from pconv_jax.errors import ConfigError
 from pconv_jax.metric_writer import MetricWriter
 
@@ -65,8 +66,8 @@ def _init_fn(model: models.PUNet, tx: optax.GradientTransformation, image_size: 
   """`init(rng, variables) -> TrainState`: fresh variables from `rng` when `variables` is None."""
   def init(rng, variables):
     if variables is None:
-      images = jnp.zeros((1, image_size, image_size, model.out_channels), jnp.float32)
-      variables = model.init(rng, images, jnp.ones(images.shape[:3] + (1,), jnp.float32))
+      image = jnp.zeros((1, image_size, image_size, model.out_channels), jnp.float32)
+      variables = model.init(rng, image, jnp.ones(image.shape[:3] + (1,), jnp.float32))
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
   return init
@@ -88,20 +89,20 @@ def abstract_train_state(model: models.PUNet, tx: optax.GradientTransformation, 
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], vgg_variables: Any, *, model: models.PUNet,
-               tx: optax.GradientTransformation, loss_weights: Mapping[str, float],
-               frozen_encoder_bn: bool) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on the paper's loss. A non-finite loss or gradient leaves the state unchanged (but counted)."""
-  images, masks_ = batch["image"], batch["mask"]
+               tx: optax.GradientTransformation,
+               loss_weights: Mapping[str, float]) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on the paper's loss, computed with the model's kernels. A non-finite loss or gradient
+  leaves the state unchanged (but counted). A model with a frozen encoder BatchNorm returns the encoder's
+  statistics unchanged."""
+  image, mask = batch["image"], batch["mask"]
 
   def loss_fn(params):
-    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images, masks_,
+    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, image, mask,
                                    train=True, mutable=["batch_stats"])
-    total, terms = losses.inpainting_loss(outputs, images, masks_, vgg_variables, loss_weights)
+    total, terms = losses.inpainting_loss(outputs, image, mask, vgg_variables, loss_weights, model.kernels)
     return total, (terms, updates["batch_stats"])
 
   (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if frozen_encoder_bn:  # Pass the encoder's statistics through untouched; only the decoder's update.
-    batch_stats = {**batch_stats, "encoder": state.batch_stats["encoder"]}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -110,6 +111,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], vgg_variables:
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   metrics = {"loss": total, **terms, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
   return new.replace(step=state.step + 1), metrics
+
+
+def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> models.PUNet:
+  """The network of `config.model`, computed with the kernels `config.model.conv_impl` picks for `mesh`."""
+  return models.create_model(config.model, kernels=kernels.select(config.model.conv_impl, mesh.devices.flat))
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -130,6 +136,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}.")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
     raise ConfigError(f"config.model.dtype must be float32, bfloat16 or float16, got {config.model.dtype!r}.")
+  if config.model.conv_impl not in kernels.CONV_IMPLS:
+    raise ConfigError(f"config.model.conv_impl must be one of {kernels.CONV_IMPLS}, got "
+                      f"{config.model.conv_impl!r}.")
   for name in ("log_every_steps", "sample_every_steps"):
     if config.train[name] <= 0:
       raise ConfigError(f"config.train.{name} must be positive.")
@@ -157,12 +166,10 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def sample_grid(images: np.ndarray, masks_: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-  """Rows of [masked input (holes white), output, composite, ground truth], HWC uint8."""
-  comp = masks_ * images + (1 - masks_) * outputs
-  masked = masks_ * images + (1 - masks_)
-  rows = [np.concatenate(row, axis=1) for row in zip(masked, outputs, comp, images)]
-  return np.round((np.concatenate(rows, axis=0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+def sample_grid(targets: np.ndarray, masks_: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+  """Rows of [input with white holes, output, composite, ground truth], HWC uint8."""
+  return images.grid([[images.with_white_holes(x, m), y, images.composite(y, x, m), x]
+                      for x, m, y in zip(targets, masks_, outputs)])
 
 
 class _Samples:
@@ -174,7 +181,7 @@ class _Samples:
     self.images = input_pipeline.load_eval_images(config.data, min(config.train.num_samples, available))
     self.masks = np.stack([masks.random_mask(np.random.default_rng([config.seed, 7, i]), size, 0.1, 0.5)
                            for i in range(len(self.images))]).astype(np.float32)
-    self._inputs = [replicate(a, mesh) for a in (self.images, self.masks)]
+    self._inputs = [parallel.replicate(a, mesh) for a in (self.images, self.masks)]
     self._predict = jax.jit(functools.partial(model.apply, train=False), out_shardings=parallel.replicated(mesh))
 
   def write(self, state: TrainState, writer: MetricWriter, directory: epath.Path, step: int) -> None:
@@ -185,12 +192,6 @@ class _Samples:
       with (directory / f"step_{step:08d}.png").open("wb") as f:
         Image.fromarray(grid).save(f, format="PNG")
       writer.write_images(step, {"samples/input_output_composite_truth": grid})
-
-
-def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Host values (the same on every process) -> arrays replicated over `mesh`, also across processes."""
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree)
 
 
 def _log_parameter_overview(params: Any) -> None:
@@ -207,8 +208,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   `workdir` may be local or on an object store (gs://...: then pip install -r requirements-gcs.txt)."""
   workdir = epath.Path(workdir)
   validate_config(config)
-  if config.train.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
   try:
     mesh = parallel.create_mesh(config.mesh.data)
   except ValueError as error:
@@ -218,10 +217,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
                       f"by the {mesh.size} data-parallel devices: use a multiple of {mesh.size}.")
   stages = config.stages
   total_steps = stages.initial_steps + stages.finetune_steps
-  model = models.create_model(config.model)
+  model = create_model(config, mesh)
   vgg_variables = vgg.resolve_weights(config.loss.vgg_weights, required=config.loss.require_vgg)
   if vgg_variables is not None:
-    vgg_variables = replicate(vgg_variables, mesh)
+    vgg_variables = parallel.replicate(vgg_variables, mesh)
   data_iter = input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
                                                seed=config.seed)
   samples = _Samples(config, model, mesh)
@@ -239,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   elif stages.finetune_from:
     _, variables, meta = checkpoints.load_model(stages.finetune_from)
     _check_architecture(meta, config, f"config.stages.finetune_from={stages.finetune_from}")
-    variables = replicate(jax.device_get(variables), mesh)
+    variables = parallel.replicate(jax.device_get(variables), mesh)
     state_stage = FINETUNE
     state = create_train_state(model, create_optimizer(FINETUNE, config), mesh, config.data.image_size,
                                config.seed, variables).replace(step=jnp.asarray(stages.initial_steps, jnp.int32))
@@ -267,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         state_stage = stage
         logging.info("Step %d: entering the finetune stage (encoder BatchNorm frozen, lr %g).",
                      step, stages.finetune_lr)
-      batch = input_pipeline.make_global_batch(next(data_iter), mesh)
+      batch = parallel.global_batch(next(data_iter), mesh)
       if compiled_stage != stage:
         compiled = _compile_step(stage, config, model, mesh, state, batch, vgg_variables)
         compiled_stage = stage
@@ -310,18 +309,13 @@ def _check_architecture(meta: Mapping[str, Any], config: ml_collections.ConfigDi
 
 def make_train_step(stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh):
   """The stage's train step, jitted with the state replicated, the batch split over `data` and the old state
-  donated. Called as `step(state, batch, vgg_variables) -> (state, metrics)`."""
-  frozen = stage == FINETUNE
+  donated. Called as `step(state, batch, vgg_variables) -> (state, metrics)`. `model` is `create_model(config,
+  mesh)`'s (or a clone of it)."""
   step_fn = functools.partial(
-      train_step, model=model.clone(freeze_encoder_bn=frozen), tx=create_optimizer(stage, config),
-      loss_weights={name: float(config.loss[name]) for name in losses.TERMS}, frozen_encoder_bn=frozen)
+      train_step, model=model.clone(freeze_encoder_bn=stage == FINETUNE), tx=create_optimizer(stage, config),
+      loss_weights={name: float(config.loss[name]) for name in losses.TERMS})
   replicated = parallel.replicated(mesh)
-
-  def step_on_mesh(*args: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-    with layers.batch_shards(mesh.size):
-      return step_fn(*args)
-
-  return jax.jit(step_on_mesh, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+  return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
@@ -363,5 +357,11 @@ def _log_metrics(pending: list[dict[str, jax.Array]], writer: MetricWriter, step
   writer.write_scalars(step, scalars)
   eta = (total_steps - step) * seconds / steps
   logging.info("Step %d/%d (%s) %.1f%%, %.3f s/step, ETA %s", step, total_steps, stage,
-               100 * step / total_steps, seconds / steps, time.strftime("%H:%M:%S", time.gmtime(eta)))
+               100 * step / total_steps, seconds / steps, format_duration(eta))
   return now, step
+
+
+def format_duration(seconds: float) -> str:
+  """HH:MM:SS, with the days in front from 24 hours on ("2d 03:04:05")."""
+  days, rest = divmod(round(seconds), 86400)
+  return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))

@@ -37,9 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax import lax
-
-from pconv_jax import layers, weights
+from pconv_jax import weights
+from pconv_jax.kernels import XLA, Kernels
 
 Array = jax.Array
 Variables = dict[str, dict[str, Any]]
@@ -93,86 +92,49 @@ def _no_random_init(*_: Any) -> NoReturn:
       "load_variables to `apply`")
 
 
-def _windows(x: Array) -> Array:
-  """(B, H, W, C) -> (B, H/2, 2, W/2, 2, C), dropping an odd last row or column as a VALID pooling does."""
-  b, h, w, c = x.shape
-  return x[:, :h - h % 2, :w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
-
-
-@jax.custom_vjp
-def max_pool_2x2(x: Array) -> Array:
-  """2x2, stride-2 max pooling whose gradient goes to the first maximum of each window (row-major).
-
-  The same values and gradients as `nn.max_pool(x, (2, 2), (2, 2))` and PyTorch's `max_pool2d`, ties included,
-  without the index arrays XLA's CPU backend builds for `reduce_window`'s gradient: the gradient is one
-  element-wise pass (7x faster and a twentieth of the temporary memory at VGG's pool1, measured). The values are
-  the maximum of the windows' four strided corners, not a reduction: XLA:CPU fuses a reduction into the preceding
-  convolution, which then runs at a third of its speed (benchmarks/RESULTS.md, optimisation 24).
-  """
-  h, w = x.shape[1] - x.shape[1] % 2, x.shape[2] - x.shape[2] % 2
-  top_left, top_right, bottom_left, bottom_right = (x[:, i:h:2, j:w:2] for i in (0, 1) for j in (0, 1))
-  return jnp.maximum(jnp.maximum(top_left, top_right), jnp.maximum(bottom_left, bottom_right))
-
-
-def _max_pool_2x2_fwd(x: Array) -> tuple[Array, tuple[Array, Array]]:
-  y = max_pool_2x2(x)
-  return y, (x, y)
-
-
-def _max_pool_2x2_bwd(residuals: tuple[Array, Array], g: Array) -> tuple[Array]:
-  x, y = residuals
-  hit = _windows(x) == y[:, :, None, :, None, :]
-  h00, h01, h10, h11 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0], hit[:, :, 1, :, 1]
-  first = (h00, h01 & ~h00, h10 & ~(h00 | h01), h11 & ~(h00 | h01 | h10))
-  g00, g01, g10, g11 = (jnp.where(f, g, jnp.zeros_like(g)) for f in first)
-  grad = jnp.stack([jnp.stack([g00, g01], axis=3), jnp.stack([g10, g11], axis=3)], axis=2)
-  b, h, w, c = x.shape
-  grad = grad.reshape(b, h - h % 2, w - w % 2, c)
-  return (jnp.pad(grad, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
-
-
 class _Conv3x3(nn.Module):
-  """3x3 'SAME' convolution + bias + ReLU, accumulating in float32 whatever the activation dtype."""
+  """3x3 'SAME' convolution + bias + ReLU, accumulating in float32 or wider whatever the dtype."""
+
   features: int
   dtype: Any
+  kernels: Kernels
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    # `apply` traces the initialiser only to check the loaded shapes; `init` never gets here (the normalisation
-    # variables refuse first), so these zeros are never used as weights.
+    # `apply` traces the initialiser only to check the loaded shapes; `init` never gets here (the
+    # normalisation variables refuse first), so these zeros are never used as weights.
     kernel = self.param("kernel", nn.initializers.zeros_init(), (3, 3, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    if jnp.dtype(self.dtype) == jnp.float32:  # conv2d's CPU rules: Winograd for the conv2 and conv3 blocks.
-      y = layers.conv2d(x, kernel.astype(self.dtype), (1, 1), "SAME")
-    else:
-      y = lax.conv_general_dilated(
-          x, kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.float32)
-    return nn.relu(y + bias.astype(jnp.float32)).astype(self.dtype)
+    accumulator = jnp.promote_types(self.dtype, jnp.float32)
+    y = self.kernels.conv2d(
+        x, kernel.astype(self.dtype), (1, 1), "SAME", preferred_element_type=accumulator
+    )
+    return nn.relu(y + bias.astype(accumulator)).astype(self.dtype)
 
 
 class VGG16Features(nn.Module):
   """VGG-16 up to pool3. Maps images (B, H, W, 3) in [-1, 1], RGB, to (pool1, pool2, pool3) in `dtype`.
 
-  The input normalisation (from the `normalization` collection) is applied in float32; convolutions take `dtype`
-  inputs (e.g. bfloat16) and accumulate in float32. There is no random initialisation: use `load_variables` or
-  `resolve_weights`.
+  The input normalisation (from the `normalization` collection) is applied in float32 or wider;
+  convolutions take `dtype` inputs (e.g. bfloat16) and accumulate in float32 or wider. There is no random
+  initialisation: use `load_variables` or `resolve_weights`. `kernels` computes the convolutions and the
+  pooling (`pconv_jax.kernels`).
   """
+
   dtype: Any = jnp.float32
+  kernels: Kernels = XLA
 
   @nn.compact
   def __call__(self, images: Array) -> tuple[Array, Array, Array]:
     scale = self.variable(NORMALIZATION, "scale", _no_random_init).value
     offset = self.variable(NORMALIZATION, "offset", _no_random_init).value
-    x = (images.astype(jnp.float32) * scale + offset).astype(self.dtype)
+    x = images.astype(jnp.promote_types(images.dtype, jnp.float32))
+    x = (x * scale + offset).astype(self.dtype)
     pooled = []
     for block in BLOCKS:
       for name, _, features in block:
-        x = _Conv3x3(features, self.dtype, name=name)(x)
-      x = max_pool_2x2(x)
+        x = _Conv3x3(features, self.dtype, self.kernels, name=name)(x)
+      x = self.kernels.max_pool_2x2(x)
       pooled.append(x)
     return tuple(pooled)
 
@@ -326,14 +288,11 @@ def load_variables(path: str | os.PathLike) -> Variables:
 # Cache, download and conversion.
 
 
-cache_dir = weights.cache_dir
-
-
 def cached_path(source: str) -> Path:
   """Where `fetch`/`convert` put the compact file for `source` ("torchvision" or "keras")."""
   if source not in SOURCES:
     raise ValueError(f"unknown VGG-16 weight source {source!r}; expected one of {sorted(SOURCES)}")
-  return cache_dir() / f"vgg16_pool3_{source}.npz"
+  return weights.cache_dir() / f"vgg16_pool3_{source}.npz"
 
 
 def resolve_weights(path: str | os.PathLike | None, *, required: bool) -> Variables | None:
@@ -352,7 +311,7 @@ def resolve_weights(path: str | os.PathLike | None, *, required: bool) -> Variab
   if required:
     raise VGGWeightsError(
         f"No VGG-16 weights for the perceptual and style losses: config.loss.vgg_weights is not set and the cache "
-        f"{cache_dir()} holds neither {candidates}.\n"
+        f"{weights.cache_dir()} holds neither {candidates}.\n"
         f"Run:  {fetch_command()}\n"
         f"(downloads {SOURCES['torchvision'].url} once, needs PyTorch to convert; or `{fetch_command('keras')}`, "
         "h5py only; set $PCONV_JAX_CACHE to use another cache directory), or set config.loss.vgg_weights to a "
@@ -360,7 +319,7 @@ def resolve_weights(path: str | os.PathLike | None, *, required: bool) -> Variab
   banner = "!" * 100
   logging.warning(
       "\n%s\nNO VGG-16 WEIGHTS in %s: training WITHOUT the perceptual and style losses (only valid, hole and TV).\n"
-      "This is not the paper's loss. For it, run `%s` and restart.\n%s", banner, cache_dir(), fetch_command(),
+      "This is not the paper's loss. For it, run `%s` and restart.\n%s", banner, weights.cache_dir(), fetch_command(),
       banner)
   return None
 

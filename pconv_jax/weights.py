@@ -1,5 +1,6 @@
-"""Pretrained weight files shared by the loss (VGG-16) and the evaluation (Inception-v3): the cache directory,
-checksummed downloads, and the `fetch`/`convert` command line. Each network's module says what its files hold."""
+"""Pretrained weight files of the loss (VGG-16), the evaluation (Inception-v3) and converted networks: the
+cache directory, checksummed downloads, reading PyTorch files, and the `fetch`/`convert` command line.
+Each network's module says what its files hold."""
 
 import argparse
 import hashlib
@@ -65,22 +66,31 @@ class WeightFiles:
     return self.loaders[kind](path)
 
 
-def read_torch_state_dict(path: str | os.PathLike, missing_torch: WeightsError,
-                          unreadable: Callable[[str, str], WeightsError]) -> Mapping[str, Any]:
-  """The state dict in a `torch.save` file, read with PyTorch (imported only here: optional and heavy).
+def read_torch_state_dict(
+    path: str | os.PathLike,
+    missing_torch: UserError,
+    unreadable: Callable[[str, str], UserError],
+) -> dict[str, Any]:
+  """The state dict in a `torch.save` file, read with PyTorch (imported only here: optional and heavy):
+  the file's dict itself, or the one a training checkpoint holds under 'state_dict', 'model' or
+  'generator'.
 
-  Raises `missing_torch` without PyTorch, and `unreadable(path, problem)` for a file that is not a state dict."""
+  Raises `missing_torch` without PyTorch, and `unreadable(path, problem)` for a file that holds none."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise missing_torch from e
   try:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a corrupt or non-tensor file.
-    raise unreadable(str(path), f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e})") from e
-  if not isinstance(state_dict, Mapping):
-    raise unreadable(str(path), f"holds a {type(state_dict).__name__}, not a state dict")
-  return state_dict
+    problem = f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e})"
+    raise unreadable(str(path), problem) from e
+  if not isinstance(loaded, Mapping):
+    raise unreadable(str(path), f"holds a {type(loaded).__name__}, not a state dict")
+  for key in ("state_dict", "model", "generator"):
+    if isinstance(loaded.get(key), Mapping):
+      return dict(loaded[key])
+  return dict(loaded)
 
 
 def cache_dir() -> Path:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from pconv_jax import checkpoints, inpaint, models
+from pconv_jax import checkpoints, images, inpaint, models
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIG = {"depth": 3, "features": [8, 8, 8], "kernel_sizes": [3, 3, 3]}  # Sizes: multiples of 8.
@@ -66,11 +66,11 @@ def test_odd_size_keeps_known_pixels_and_equals_padded_network(inpainter):
   np.testing.assert_array_equal(result[~hole], image[~hole])
   # What the network computes on the 40x56 padded input, padding marked as hole, cropped back.
   padded = np.zeros((1, 40, 56, 3), np.float32)
-  padded[0, :37, :53] = image / 127.5 - 1.0
+  padded[0, :37, :53] = images.to_model_range(image)
   valid = np.zeros((1, 40, 56, 1), np.float32)
   valid[0, :37, :53, 0] = ~hole
   output = np.asarray(inpainter.model.apply(inpainter.variables, jnp.asarray(padded), jnp.asarray(valid)))
-  expected = np.clip(np.round((output[0, :37, :53] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  expected = images.to_uint8(output[0, :37, :53])
   np.testing.assert_array_equal(result[hole], expected[hole])
 
 

@@ -5,7 +5,6 @@ import pathlib
 
 from configs import default
 import grain
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
@@ -193,18 +192,6 @@ def test_worker_processes_give_the_same_batches(tfds_dir):
   config.worker_count = 2
   with input_pipeline.create_train_iter(config, **kwargs) as iterator:
     _assert_same(_take(iterator, 4), in_process)
-
-
-def test_make_global_batch_shards_over_the_data_axis():
-  mesh = jax.make_mesh((8,), ("data",))
-  with input_pipeline.create_train_iter(_config(), global_batch_size=8, seed=0) as iterator:
-    batch = next(iterator)
-  global_batch = input_pipeline.make_global_batch(batch, mesh)
-  for key, array in global_batch.items():
-    assert array.shape == batch[key].shape
-    assert array.sharding.spec == jax.sharding.PartitionSpec("data")
-    assert len(array.addressable_shards) == 8
-    np.testing.assert_array_equal(np.asarray(array), batch[key])
 
 
 def test_eval_images_are_fixed_centre_crops_of_held_out_photos():

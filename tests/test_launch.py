@@ -1,5 +1,6 @@
 """Launch scripts: their dry runs print the commands they would run, and bad arguments are refused."""
 
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -8,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def dry_run(script, *args):
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   result = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args], capture_output=True,
-                          text=True, cwd=ROOT)
+                          text=True, cwd=ROOT, env=env)
   assert result.returncode == 0, result.stderr
   return [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
 
@@ -52,6 +54,7 @@ def test_local_dry_run():
   for i, command in enumerate(commands):
     assert command[command.index("--process_id") + 1] == str(i)
     assert "--coordinator_address" in command and "127.0.0.1:4000" in command
+    assert "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in command  # Huge pages for XLA:CPU (hugepages.py).
 
 
 def test_missing_arguments_are_refused():

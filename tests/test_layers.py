@@ -2,13 +2,15 @@
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from pconv_jax import layers, winograd
+from pconv_jax import layers
+from pconv_jax.kernels import XLA, CpuKernels
 
 
 def conv2d_nchw(x, w, stride, pads, dilation):
@@ -59,7 +61,7 @@ def to_nchw(a):
   return np.transpose(a, (0, 3, 1, 2))
 
 
-def assert_matches_oracle(x, mask, kernel, bias, stride, padding, dilation, multi_channel):
+def assert_matches_oracle(x, mask, kernel, bias, stride, padding, dilation, multi_channel, kernels=XLA):
   k = kernel.shape[0]
   h, w = x.shape[1:3]
   if padding == "SAME":
@@ -78,7 +80,7 @@ def assert_matches_oracle(x, mask, kernel, bias, stride, padding, dilation, mult
   got, got_mask = layers.partial_conv(
       jnp.asarray(x), None if mask is None else jnp.asarray(mask), jnp.asarray(kernel),
       None if bias is None else jnp.asarray(bias), strides=(stride, stride), padding=padding,
-      dilation=(dilation, dilation), multi_channel=multi_channel)
+      dilation=(dilation, dilation), multi_channel=multi_channel, kernels=kernels)
   got, got_mask = to_nchw(np.asarray(got)), to_nchw(np.asarray(got_mask))
 
   assert got.shape == want.shape
@@ -114,6 +116,29 @@ def test_partial_conv_matches_reference(kernel_size, stride, dilation, padding):
     assert_matches_oracle(x, mask, kernel, bias if use_bias else None, stride, padding, dilation, multi)
 
 
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 1, 1), (5, 2, "SAME")])
+def test_partial_conv_with_the_cpu_engine_matches_reference(kernel_size, stride, padding):
+  rng = np.random.default_rng([kernel_size, stride])
+  x = rng.normal(size=(2, 20, 17, 40)).astype(np.float32)
+  mask = (rng.random((2, 20, 17, 1)) > 0.4).astype(np.float32)
+  for outputs in (3, 16):  # Few outputs (per-tap products on CPU) and many.
+    kernel = rng.normal(size=(kernel_size, kernel_size, 40, outputs)).astype(np.float32)
+    bias = rng.normal(size=(outputs,)).astype(np.float32)
+    assert_matches_oracle(x, mask, kernel, bias, stride, padding, 1, True, kernels=CpuKernels())
+
+
+def test_conv_baseline_is_a_plain_convolution_of_the_upsampled_blocks():
+  rng = np.random.default_rng(6)
+  low, skip = rng.normal(size=(2, 6, 5, 4)).astype(np.float32), rng.normal(size=(2, 12, 10, 3)).astype(np.float32)
+  layer = layers.Conv(5, 3, padding=1, upsample_first=True)
+  variables = layer.init(jax.random.key(0), [low, skip])
+  assert jax.tree.map(jnp.shape, variables) == {"params": {"kernel": (3, 3, 7, 5), "bias": (5,)}}
+  out, mask = layer.apply(variables, [low, skip], [None, jnp.zeros((2, 12, 10, 1))])  # Masks are ignored.
+  assert mask is None
+  want = nn.Conv(5, (3, 3), padding=1).apply(variables, jnp.concatenate([layers.upsample2x(low), skip], -1))
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
 def test_large_holes_give_zero_output_and_mask():
   x = np.random.default_rng(0).normal(size=(1, 16, 16, 2)).astype(np.float32)
   mask = np.ones((1, 16, 16, 1), np.float32)
@@ -133,7 +158,8 @@ def test_fast_mask_path_equals_full_ones_convolution():
   cin, cout = 6, 5
   mask = (rng.random((2, 17, 15, cin)) > 0.5).astype(np.float32)
   for k, s, d, p in itertools.product([1, 3, 7], [1, 2], [1, 2], [0, 3, "SAME"]):
-    fast = layers.valid_count(jnp.asarray(mask), (k, k), (s, s), p, (d, d), cin, multi_channel=True)
+    channel_sum = layers.channel_sum(jnp.asarray(mask), cin, True, jnp.float32)
+    fast = layers.window_sum(channel_sum, (k, k), (s, s), p, (d, d))
     full = lax.conv_general_dilated(
         jnp.asarray(mask), jnp.ones((k, k, cin, cout)), (s, s), layers.normalize_padding(p),
         rhs_dilation=(d, d), dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST)
@@ -201,139 +227,6 @@ def test_bad_padding_is_explained(padding):
     layers.normalize_padding(padding)
 
 
-def conv_oracle(x, w, stride, pads):
-  """conv(x, w) in float64, NHWC / HWIO, from the definition (a sum over the kernel's taps)."""
-  (pt, pb), (pl, pr) = pads
-  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  kh, kw = w.shape[:2]
-  oh, ow = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
-  return sum(np.einsum("nhwc,co->nhwo", xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride],
-                       w[i, j]) for i, j in itertools.product(range(kh), range(kw)))
-
-
-def conv_gradients_oracle(x, w, g, stride, pads):
-  """Input and kernel gradients of sum(g * conv(x, w)) in float64, NHWC / HWIO, from the definition."""
-  (pt, pb), (pl, pr) = pads
-  xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  kh, kw = w.shape[:2]
-  oh, ow = g.shape[1:3]
-  dxp, dw = np.zeros_like(xp), np.zeros_like(w)
-  for i, j in itertools.product(range(kh), range(kw)):
-    window = (slice(None), slice(i, i + stride * (oh - 1) + 1, stride), slice(j, j + stride * (ow - 1) + 1, stride))
-    dw[i, j] = np.einsum("nhwc,nhwo->co", xp[window], g)
-    dxp[window] += np.einsum("nhwo,co->nhwc", g, w[i, j])
-  return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2]], dw
-
-
-# Covering both ways each gradient is computed on CPU (XLA's convolution, or matrix products over the taps),
-# and the forward against its own oracle.
-@pytest.mark.parametrize("size,kernel_size,stride,padding,cin,cout", [
-    (20, 3, 1, "SAME", 5, 4), (12, 3, 1, 1, 5, 4), (6, 3, 1, ((0, 2), (1, 1)), 5, 4), (20, 5, 2, 2, 5, 4),
-    (9, 7, 2, ((3, 2), (1, 3)), 5, 4), (4, 3, 2, "SAME", 5, 4), (20, 3, 1, 1, 40, 3), (11, 3, 2, "SAME", 40, 3),
-    (12, 3, 1, ((2, 0), (1, 1)), 12, 4), (8, 3, 1, ((2, 0), (0, 1)), 40, 3), (18, 2, 1, 1, 5, 12)])
-@pytest.mark.parametrize("batch", [1, 2])
-def test_conv2d_gradients_match_oracle(size, kernel_size, stride, padding, cin, cout, batch):
-  rng = np.random.default_rng([size, kernel_size, stride, cin])
-  x = rng.normal(size=(batch, size, size + 1, cin))
-  w = rng.normal(size=(kernel_size, kernel_size, cin, cout))
-  pads = layers.normalize_padding(padding)
-  if isinstance(pads, str):
-    pads = tuple(lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (stride, stride), pads))
-  with jax.enable_x64(True):
-    y, vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, (stride, stride), padding), jnp.asarray(x), jnp.asarray(w))
-    g = rng.normal(size=y.shape)
-    dx, dw = vjp(jnp.asarray(g))
-    assert y.dtype == dx.dtype == dw.dtype == jnp.float64
-  want_dx, want_dw = conv_gradients_oracle(x, w, g, stride, pads)
-  np.testing.assert_allclose(y, conv_oracle(x, w, stride, pads), rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
-  # Layers with taps x outputs < inputs compute their forward without a convolution.
-  forward = jax.jit(lambda x, w: layers.conv2d(x, w, (stride, stride), padding)).lower(x, w).as_text()
-  assert forward.count("stablehlo.convolution") == (0 if kernel_size ** 2 * cout < cin else 1)
-
-
-def test_few_output_conv2d_in_bfloat16_rounds_once():
-  """The per-tap forward of few-output layers accumulates bfloat16 inputs in float32 and rounds once at the end."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 16, 16, 67)), jnp.bfloat16)
-  w = jnp.asarray(rng.normal(size=(3, 3, 67, 3)) * 0.1, jnp.bfloat16)
-  y = layers.conv2d(x, w, (1, 1), "SAME")
-  assert y.dtype == jnp.bfloat16
-  exact = conv_oracle(np.asarray(x, np.float64), np.asarray(w, np.float64), 1, ((1, 1), (1, 1)))
-  rounded = np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)
-  np.testing.assert_allclose(np.asarray(y, np.float64), rounded, rtol=2.0 ** -7, atol=1e-6)
-
-
-@pytest.mark.parametrize("devices", [1, 2])
-def test_conv2d_weight_gradient_by_image_matches_oracle(devices):
-  """With the batch declared split over `devices`, large layers' weight gradients are summed image by image."""
-  rng = np.random.default_rng(devices)
-  x, w = rng.normal(size=(4, 64, 64, 3)), rng.normal(size=(3, 3, 3, 2))
-  g = rng.normal(size=(4, 64, 64, 2))
-  mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-  def grads(x, w, g):
-    with layers.batch_shards(devices):
-      return jax.vjp(lambda x, w: layers.conv2d(x, w, (1, 1), "SAME"), x, w)[1](g)
-
-  with jax.enable_x64(True):
-    step = jax.jit(grads, in_shardings=(batch, None, batch))
-    dx, dw = step(*(jnp.asarray(a) for a in (x, w, g)))
-    # One input-gradient convolution, and one weight-gradient convolution per image of each device.
-    assert step.lower(x, w, g).as_text().count("stablehlo.convolution") == 1 + 4 // devices
-  want_dx, want_dw = conv_gradients_oracle(x, w, g, 1, ((1, 1), (1, 1)))
-  np.testing.assert_allclose(dx, want_dx, rtol=1e-10, atol=1e-10)
-  np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("batch,height,width,cin,cout", [(1, 4, 4, 1, 1), (2, 7, 10, 3, 5), (1, 13, 8, 4, 6)])
-def test_winograd_conv3x3_is_exact_in_float64(batch, height, width, cin, cout):
-  """F(4x4, 3x3) is an exact algorithm: in float64 it equals the convolution's definition to rounding, for sizes
-  that are and are not multiples of the 4x4 tile."""
-  rng = np.random.default_rng([batch, height, width])
-  x, w = rng.normal(size=(batch, height, width, cin)), rng.normal(size=(3, 3, cin, cout))
-  with jax.enable_x64(True):
-    y = winograd.conv3x3(jnp.asarray(x), jnp.asarray(w))
-    assert y.dtype == jnp.float64
-  np.testing.assert_allclose(y, conv_oracle(x, w, 1, ((1, 1), (1, 1))), rtol=1e-12, atol=1e-12)
-
-
-def test_winograd_applies_to_wide_float32_layers_only():
-  assert winograd.is_faster((3, 64, 64, 256), (3, 3, 256, 256), jnp.float32)  # VGG's conv3 block.
-  assert winograd.is_faster((2, 128, 128, 64), (3, 3, 64, 128), jnp.float32)  # conv2_1.
-  assert not winograd.is_faster((2, 256, 256, 64), (3, 3, 64, 64), jnp.float32)  # conv1_2: too few channels.
-  assert not winograd.is_faster((2, 16, 16, 512), (3, 3, 512, 512), jnp.float32)  # Too few positions.
-  assert not winograd.is_faster((3, 64, 64, 256), (3, 3, 256, 256), jnp.bfloat16)
-
-
-@pytest.mark.parametrize("devices,batch", [(1, 1), (1, 3), (2, 4)])
-def test_winograd_conv2d_and_gradients_match_oracle(devices, batch):
-  """float32 layers that conv2d computes by Winograd (forward and input gradient, one image per device at a
-  time) against the float64 definition, to float32 rounding."""
-  rng = np.random.default_rng([devices, batch])
-  x, w = rng.normal(size=(batch, 34, 37, 64)), rng.normal(size=(3, 3, 64, 128)) / 24
-  g = rng.normal(size=(batch, 34, 37, 128))
-  assert winograd.is_faster(x.shape, w.shape, jnp.float32) and winograd.is_faster(g.shape, w.shape[:2] + (128, 64),
-                                                                                     jnp.float32)
-  mesh = jax.make_mesh((devices,), ("data",), devices=jax.devices()[:devices])
-  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-  def forward_and_gradients(x, w, g):
-    with layers.batch_shards(devices):
-      y, vjp = jax.vjp(lambda x, w: layers.conv2d(x, w, (1, 1), "SAME"), x, w)
-      return (y,) + vjp(g)
-
-  step = jax.jit(forward_and_gradients, in_shardings=(sharded, None, sharded))
-  y, dx, dw = step(*(jnp.asarray(a, jnp.float32) for a in (x, w, g)))
-  # Only the weight gradient is a convolution.
-  assert step.lower(x, w, g).as_text().count("stablehlo.convolution") == 1
-  want_dx, want_dw = conv_gradients_oracle(x, w, g, 1, ((1, 1), (1, 1)))
-  for got, want in ((y, conv_oracle(x, w, 1, ((1, 1), (1, 1)))), (dx, want_dx), (dw, want_dw)):
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
-
-
 def test_channel_blocks_equal_the_concatenated_input_and_mask():
   rng = np.random.default_rng(5)
   up, skip = rng.normal(size=(2, 12, 10, 4)), rng.normal(size=(2, 12, 10, 3))
@@ -363,11 +256,10 @@ def test_channel_blocks_equal_the_concatenated_input_and_mask():
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("size,cin,cout,convolutions", [(20, 6, 5, 2), (8, 6, 5, 1), (20, 16, 2, 0)])
-def test_upsample_first_equals_the_upsampled_blocks(size, cin, cout, convolutions):
-  """A half-resolution first block (and mask) upsampled by the layer: the same values and gradients as upsampling
-  it first. On CPU, layers with more than 16x16 outputs convolve it at its own resolution (two convolutions, no
-  upsampled input); smaller or few-output layers (one convolution, or none) upsample it."""
+@pytest.mark.parametrize("size,cin,cout", [(20, 6, 5), (8, 6, 5), (20, 16, 2)])
+def test_upsample_first_equals_the_upsampled_blocks(size, cin, cout):
+  """A half-resolution first block (and mask) upsampled by the layer: the same values and gradients as
+  upsampling it first (the CPU engine's phases against the plain path: tests/kernels/test_cpu.py)."""
   rng = np.random.default_rng(size)
   low, skip = rng.normal(size=(2, size // 2, size // 2 + 1, cin)), rng.normal(size=(2, size, size + 2, 3))
   low_mask = (rng.random((2, size // 2, size // 2 + 1, 1)) > 0.3).astype(np.float64)
@@ -389,8 +281,6 @@ def test_upsample_first_equals_the_upsampled_blocks(size, cin, cout, convolution
     for got, expected in zip(jax.grad(loss(first), (0, 1, 2))(low, skip, kernel),
                              jax.grad(loss(upsampled), (0, 1, 2))(low, skip, kernel)):
       np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
-    lowered = jax.jit(lambda *a: first(*a)[0]).lower(low, skip, kernel).as_text()
-    assert lowered.count("stablehlo.convolution") == convolutions
 
 
 def test_bad_channel_blocks_are_explained():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pconv_jax import losses, vgg
+from pconv_jax.kernels import XLA, CpuKernels
 from test_vgg import FORMATS, _path, network, oracle_for_format, weight_files  # noqa: F401  (fixtures)
 
 PAPER_WEIGHTS = {"valid": 1.0, "hole": 6.0, "perceptual": 0.05, "style_out": 120.0, "style_comp": 120.0, "tv": 0.1}
@@ -116,6 +117,12 @@ def test_terms_match_float64_oracle(network, weight_files, fmt):  # noqa: F811
   np.testing.assert_allclose(float(total), sum(PAPER_WEIGHTS[k] * v for k, v in expected.items()), rtol=2e-4)
 
 
+def test_terms_with_the_cpu_engine_match_float64_oracle(network, variables):  # noqa: F811
+  output, target, mask = random_batch(seed=0)
+  _, terms = losses.inpainting_loss(output, target, mask, variables, PAPER_WEIGHTS, CpuKernels())
+  assert_terms_close(terms, oracle_terms(output, target, mask, oracle_for_format(network, "npz")))
+
+
 def test_per_channel_mask_matches_oracle(network, variables):  # noqa: F811
   output, target, mask = random_batch(seed=1, mask_channels=3)
   _, terms = losses.inpainting_loss(output, target, mask, variables, PAPER_WEIGHTS)
@@ -187,17 +194,19 @@ def test_without_vgg_the_feature_terms_are_zero_and_the_keys_stay(variables):
   np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
 
 
-def test_gram_and_its_gradient_match_the_float64_oracle():
+@pytest.mark.parametrize("kernels", [XLA, CpuKernels()], ids=["xla", "cpu"])
+def test_gram_and_its_gradient_match_the_float64_oracle(kernels):
   """gram(F) = F^T F / (C H W); d sum(W * gram(F)) / dF = F (W + W^T) / (C H W), in every dtype's precision."""
   rng = np.random.default_rng(3)
   features, weights = rng.normal(size=(2, 5, 6, 4)), rng.normal(size=(2, 4, 4))
   want = np.einsum("bhwd,bdc->bhwc", features, weights + weights.transpose(0, 2, 1)) / (4 * 5 * 6)
+  weighted_gram = lambda f: jnp.sum(losses.gram(f, kernels) * weights)  # noqa: E731
   with jax.enable_x64(True):
-    value, grad = jax.value_and_grad(lambda f: jnp.sum(losses.gram(f) * weights))(jnp.asarray(features))
+    value, grad = jax.value_and_grad(weighted_gram)(jnp.asarray(features))
     assert grad.dtype == jnp.float64
   np.testing.assert_allclose(value, np.sum(oracle_gram(features) * weights), rtol=1e-12)
   np.testing.assert_allclose(grad, want, rtol=1e-12, atol=1e-14)
-  grad32 = jax.grad(lambda f: jnp.sum(losses.gram(f) * weights))(jnp.asarray(features, jnp.float32))
+  grad32 = jax.grad(weighted_gram)(jnp.asarray(features, jnp.float32))
   assert grad32.dtype == jnp.float32
   np.testing.assert_allclose(grad32, want, rtol=1e-5, atol=1e-6)
 

@@ -87,7 +87,7 @@ def test_conv_baseline_fills_holes_and_has_same_variables():
   variables = conv.init(jax.random.key(3), images, masks)
   shapes = lambda v: jax.tree.map(jnp.shape, v)  # noqa: E731
   assert shapes(variables) == shapes(pconv.init(jax.random.key(3), images, masks))
-  filled = images * masks  # hole_fill = 0: any values under the hole give the same output.
+  filled = images * masks  # Holes are set to 0 (mid-grey): values under them do not matter.
   np.testing.assert_array_equal(conv.apply(variables, images, masks), conv.apply(variables, filled, masks))
   assert not np.allclose(conv.apply(variables, images, masks), pconv.apply(variables, images, masks))
 

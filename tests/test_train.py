@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tiny_config
-from pconv_jax import checkpoints, input_pipeline, metric_writer, models, parallel, train, vgg
+from pconv_jax import checkpoints, hugepages, input_pipeline, kernels, metric_writer, parallel, train, vgg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
 
 
 def make_state_and_batches(config, mesh, num_batches):
-  model = models.create_model(config.model)
+  model = train.create_model(config, mesh)
   state = train.create_train_state(model, train.create_optimizer("initial", config), mesh,
                                    config.data.image_size, config.seed)
   with input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
@@ -78,7 +78,7 @@ def test_eight_devices_match_one_device_with_the_full_loss():
     step = train.make_train_step("initial", config, model, mesh)
     losses[devices] = []
     for batch in batches:
-      state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh), train.replicate(vgg_variables, mesh))
+      state, metrics = step(state, parallel.global_batch(batch, mesh), parallel.replicate(vgg_variables, mesh))
       losses[devices].append(float(metrics["loss"]))
       assert float(metrics["style_out"]) > 0 and float(metrics["perceptual"]) > 0
     assert len(state.params["encoder"]["block_1"]["conv"]["kernel"].sharding.device_set) == devices
@@ -88,17 +88,48 @@ def test_eight_devices_match_one_device_with_the_full_loss():
   assert losses[1][0] != losses[1][2]
 
 
+def test_xla_and_cpu_kernels_give_the_same_step_loss_and_gradients_in_float64():
+  """The train step built for a mesh of 2 CPU devices with conv_impl "xla" (the plain path) and "cpu" (the
+  CPU engine, whose rules the sizes here exercise: per-tap products, phases, by-image and matrix-product
+  gradients, pooling and Gram VJPs) computes the same loss, gradients and update. After the first step,
+  Adam's first moment is (1 - b1) times the gradients."""
+  config = tiny_config.get_config()
+  config.model.features = (32, 32, 32)  # The last layer then has few outputs (9 x 3 < 35 inputs).
+  config.data.image_size, config.optim.batch_size = 64, 2
+  mesh = parallel.create_mesh(2)
+  with jax.enable_x64(True):
+    wide = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
+    vgg_variables = parallel.replicate(wide(random_vgg_variables()), mesh)
+    with input_pipeline.create_train_iter(config.data, global_batch_size=2, seed=0) as data:
+      batch = parallel.global_batch(wide(next(data)), mesh)
+    results = {}
+    for impl in ("xla", "cpu"):
+      config.model.conv_impl = impl
+      model = train.create_model(config, mesh).clone(dtype=jnp.float64)
+      assert isinstance(model.kernels, kernels.CpuKernels) == (impl == "cpu")
+      variables = wide(model.init(jax.random.key(0), batch["image"][:1], batch["mask"][:1]))
+      tx = train.create_optimizer("initial", config)
+      state = train.create_train_state(model, tx, mesh, 64, 0, parallel.replicate(variables, mesh))
+      new_state, metrics = train.make_train_step("initial", config, model, mesh)(state, batch, vgg_variables)
+      assert metrics["loss"].dtype == jnp.float64 and all(v > 0 for k, v in metrics.items() if k != "nonfinite")
+      adam = new_state.opt_state[0]
+      gradients = jax.tree.map(lambda mu: mu / (1 - config.optim.b1), adam.mu)
+      results[impl] = jax.device_get((metrics, gradients, new_state.params, new_state.batch_stats, adam.nu))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)  # noqa: E731
+  jax.tree.map(close, results["cpu"], results["xla"])
+
+
 def test_finetune_step_freezes_encoder_batchnorm_only():
   config = tiny_config.get_config()
   mesh = parallel.create_mesh()
   model, state, batches = make_state_and_batches(config, mesh, 2)
   initial = train.make_train_step("initial", config, model, mesh)
-  state, _ = initial(state, input_pipeline.make_global_batch(batches[0], mesh), None)
+  state, _ = initial(state, parallel.global_batch(batches[0], mesh), None)
   tx = train.create_optimizer("finetune", config)
   state = state.replace(opt_state=tx.init(state.params))
   before = jax.device_get(state)
   finetune = train.make_train_step("finetune", config, model, mesh)
-  after = jax.device_get(finetune(state, input_pipeline.make_global_batch(batches[1], mesh), None)[0])
+  after = jax.device_get(finetune(state, parallel.global_batch(batches[1], mesh), None)[0])
 
   jax.tree.map(np.testing.assert_array_equal, before.batch_stats["encoder"], after.batch_stats["encoder"])
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before.batch_stats["decoder"],
@@ -121,7 +152,7 @@ def test_bfloat16_activations_train_with_float32_parameters():
   model, state, batches = make_state_and_batches(config, mesh, 2)
   step = train.make_train_step("initial", config, model, mesh)
   for batch in batches:
-    state, metrics = step(state, input_pipeline.make_global_batch(batch, mesh), random_vgg_variables())
+    state, metrics = step(state, parallel.global_batch(batch, mesh), random_vgg_variables())
     assert np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))
 
@@ -133,7 +164,7 @@ def test_nonfinite_update_is_not_applied_and_policy_is_applied():
   bad = dict(batches[0], image=np.full_like(batches[0]["image"], np.nan))
   before = jax.device_get(state)
   step = train.make_train_step("initial", config, model, mesh)
-  after, metrics = step(state, input_pipeline.make_global_batch(bad, mesh), None)
+  after, metrics = step(state, parallel.global_batch(bad, mesh), None)
   assert int(metrics["nonfinite"]) == 1 and int(after.step) == 1
   jax.tree.map(np.testing.assert_array_equal, before.params, jax.device_get(after.params))
   jax.tree.map(np.testing.assert_array_equal, before.opt_state, jax.device_get(after.opt_state))
@@ -322,7 +353,16 @@ def _free_port() -> int:
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
-  process = run_main(tmp_path, "--config.data.image_size=36")
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  process = run_main(tmp_path, "--config.data.image_size=36", env=env)
   _, log = process.communicate()
   assert process.returncode == 1
   assert "error: config.data.image_size=36 is not a multiple of 2**depth=8" in log and "Traceback" not in log
+  # A CPU run without huge pages says how to get them; it never restarts itself.
+  assert ("start the command with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in log) == hugepages.missing(env)
+  assert "Restarting" not in log
+
+
+def test_eta_shows_days():
+  assert train.format_duration(3725.2) == "01:02:05"
+  assert train.format_duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2d 03:04:05"

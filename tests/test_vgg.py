@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pconv_jax import vgg, winograd
+from pconv_jax import vgg, weights
+from pconv_jax.kernels import CpuKernels, winograd
 
 # The architecture and the sources' conventions, written out independently of pconv_jax.vgg.
 LAYERS = (("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128), ("conv2_2", 128, 128),
@@ -180,12 +181,13 @@ def test_features_match_float64_oracle(network, weight_files, fmt):
   assert_features_close(features, oracle_for_format(network, fmt)(images))
 
 
-def test_winograd_features_match_float64_oracle(network, weight_files):
-  """At 132x136 the conv2 and conv3 blocks run as Winograd convolutions on CPU (pconv_jax/winograd.py)."""
+def test_cpu_engine_features_match_float64_oracle(network, weight_files):
+  """At 132x136 the conv2 and conv3 blocks run as Winograd convolutions in the CPU engine, and pooling
+  and the other layers by its rules (pconv_jax/kernels/cpu.py)."""
   images = np.random.default_rng(4).uniform(-1, 1, (1, 132, 136, 3)).astype(np.float32)
   assert winograd.is_faster((1, 33, 34, 128), (3, 3, 128, 256), jnp.float32)
   variables = vgg.load_variables(weight_files["npz"])
-  features = jax.jit(vgg.VGG16Features().apply)(variables, jnp.asarray(images))
+  features = jax.jit(vgg.VGG16Features(kernels=CpuKernels()).apply)(variables, jnp.asarray(images))
   assert_features_close(features, oracle_for_format(network, "npz")(images))
 
 
@@ -231,38 +233,6 @@ def test_bfloat16_features_close_to_float32(weight_files):
     np.testing.assert_allclose(np.asarray(h, np.float32), f, rtol=0.05, atol=0.05 * float(jnp.abs(f).max()))
 
 
-def max_pool_oracle(x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """2x2 stride-2 VALID max pooling and its gradient, sent to each window's first maximum in row-major order."""
-  b, h, w, c = x.shape
-  y, dx = np.zeros(g.shape), np.zeros(x.shape)
-  for n, i, j, k in np.ndindex(*g.shape):
-    window = [(2 * i + di, 2 * j + dj) for di in (0, 1) for dj in (0, 1)]
-    values = [x[n, r, s, k] for r, s in window]
-    r, s = window[int(np.argmax(values))]  # argmax returns the first maximum.
-    y[n, i, j, k], dx[n, r, s, k] = x[n, r, s, k], g[n, i, j, k]
-  return y, dx
-
-
-@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])  # Even, and odd (last row/column dropped).
-def test_max_pool_values_and_gradient_with_ties(shape):
-  rng = np.random.default_rng(0)
-  x = np.round(rng.normal(size=shape) * 1.5).clip(0, None)  # ReLU-like: many exact ties, at 0 and above.
-  out_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
-  g = rng.normal(size=out_shape)
-  y, vjp = jax.vjp(vgg.max_pool_2x2, jnp.asarray(x, jnp.float32))
-  (dx,) = vjp(jnp.asarray(g, jnp.float32))
-  want_y, want_dx = max_pool_oracle(x, g)
-  np.testing.assert_array_equal(y, want_y)
-  np.testing.assert_allclose(dx, want_dx, rtol=1e-6)
-  # No reduction: XLA:CPU would fuse one into the preceding convolution and slow it down.
-  assert "stablehlo.reduce" not in jax.jit(vgg.max_pool_2x2).lower(jnp.asarray(x, jnp.float32)).as_text()
-  if _has_torch():  # PyTorch's max_pool2d breaks ties the same way.
-    import torch  # pylint: disable=import-outside-toplevel
-    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
-    torch.nn.functional.max_pool2d(xt, 2).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
-    np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6)
-
-
 def test_random_initialisation_is_refused():
   with pytest.raises(vgg.VGGWeightsError, match="never randomly initialised"):
     vgg.VGG16Features().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
@@ -281,7 +251,7 @@ def test_convert_command_writes_the_compact_file(weight_files, fmt, tmp_path):
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
   monkeypatch.delenv("PCONV_JAX_CACHE", raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert vgg.cache_dir() == tmp_path / "xdg" / "pconv_jax"
+  assert weights.cache_dir() == tmp_path / "xdg" / "pconv_jax"
   monkeypatch.setenv("PCONV_JAX_CACHE", str(tmp_path / "mine"))
   assert vgg.cached_path("keras") == tmp_path / "mine" / "vgg16_pool3_keras.npz"
 
