@@ -1,15 +1,23 @@
-"""A PyTorch PConv U-Net with NVIDIA PartialConv2d semantics and the paper's loss: the benchmark's reference.
+"""A PyTorch PConv U-Net with NVIDIA PartialConv2d semantics and the paper's loss: the benchmark's
+reference.
 
-Written from the summary's formulas (docs/seed SUMMARY.md), not from pconv_jax. Benchmark- and test-only:
-imports torch, which is never a runtime dependency of pconv_jax.
+Written from the summary's formulas (docs/seed SUMMARY.md), not from pconv_jax. Benchmark- and
+test-only: imports torch, which is never a runtime dependency of pconv_jax.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 # The paper's loss weights (Liu et al., ECCV 2018).
-LOSS_WEIGHTS = {"valid": 1.0, "hole": 6.0, "perceptual": 0.05, "style_out": 120.0, "style_comp": 120.0, "tv": 0.1}
+LOSS_WEIGHTS = {
+  "valid": 1.0,
+  "hole": 6.0,
+  "perceptual": 0.05,
+  "style_out": 120.0,
+  "style_comp": 120.0,
+  "tv": 0.1,
+}
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)
 TORCHVISION_STD = (0.229, 0.224, 0.225)
 
@@ -40,8 +48,16 @@ class PartialConv2d(nn.Conv2d):
 class PConvBNActiv(nn.Module):
   """PartialConv2d, optional BatchNorm, ReLU / LeakyReLU(0.2) / none."""
 
-  def __init__(self, cin: int, cout: int, kernel_size: int, stride: int, bn: bool = True,
-               activ: str | None = "relu", bias: bool = False):
+  def __init__(
+    self,
+    cin: int,
+    cout: int,
+    kernel_size: int,
+    stride: int,
+    bn: bool = True,
+    activ: str | None = "relu",
+    bias: bool = False,
+  ):
     super().__init__()
     self.conv = PartialConv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=bias)
     if bn:
@@ -69,12 +85,18 @@ class TorchPUNet(nn.Module):
     self.depth = depth
     cin = channels
     for i in range(1, depth + 1):
-      self.add_module(f"ec_images_{i}", PConvBNActiv(cin, features[i - 1], kernel_sizes[i - 1], 2, bn=i > 1))
+      self.add_module(
+        f"ec_images_{i}", PConvBNActiv(cin, features[i - 1], kernel_sizes[i - 1], 2, bn=i > 1)
+      )
       cin = features[i - 1]
     for i in range(depth, 1, -1):
-      self.add_module(f"dc_images_{i}", PConvBNActiv(features[i - 1] + features[i - 2], features[i - 2], 3, 1,
-                                                     activ="leaky"))
-    self.dc_images_1 = PConvBNActiv(features[0] + channels, channels, 3, 1, bn=False, activ=None, bias=True)
+      self.add_module(
+        f"dc_images_{i}",
+        PConvBNActiv(features[i - 1] + features[i - 2], features[i - 2], 3, 1, activ="leaky"),
+      )
+    self.dc_images_1 = PConvBNActiv(
+      features[0] + channels, channels, 3, 1, bn=False, activ=None, bias=True
+    )
 
   def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     levels = [(images, masks)]
@@ -83,13 +105,16 @@ class TorchPUNet(nn.Module):
     x, mask = levels[-1]
     for i in range(self.depth, 0, -1):
       x = torch.cat((F.interpolate(x, scale_factor=2, mode="nearest"), levels[i - 1][0]), dim=1)
-      mask = torch.cat((F.interpolate(mask, scale_factor=2, mode="nearest"), levels[i - 1][1]), dim=1)
+      mask = torch.cat(
+        (F.interpolate(mask, scale_factor=2, mode="nearest"), levels[i - 1][1]), dim=1
+      )
       x, mask = getattr(self, f"dc_images_{i}")(x, mask)
     return torch.tanh(x)
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-  """Random weights and BatchNorm statistics, scaled so activations stay O(1) through the network."""
+  """Random weights and BatchNorm statistics, scaled so activations
+  stay O(1) through the network."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for module in model.modules():
@@ -104,14 +129,17 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
         module.running_mean.copy_(0.2 * torch.randn(module.running_mean.shape, generator=gen))
         module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=gen))
     if isinstance(model, TorchPUNet):
-      model.dc_images_1.conv.weight.mul_(0.03)  # Keeps tanh out of saturation, so outputs are informative.
+      # Keeps tanh out of saturation, so outputs are informative.
+      model.dc_images_1.conv.weight.mul_(0.03)
   return model
 
 
 class VGG16Pool3(nn.Module):
-  """torchvision's `vgg16().features[:17]` (conv1_1 ... pool3) returning pool1, pool2, pool3; frozen.
+  """torchvision's `vgg16().features[:17]` (conv1_1 ... pool3) returning pool1, pool2, pool3;
+  frozen.
 
-  Takes images in [-1, 1] and applies torchvision's ImageNet normalisation. Random weights unless loaded.
+  Takes images in [-1, 1] and applies torchvision's ImageNet normalisation. Random weights unless
+  loaded.
   """
 
   def __init__(self):
@@ -143,20 +171,24 @@ def gram(features: torch.Tensor) -> torch.Tensor:
   return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
 
 
-def inpainting_loss(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                    vgg: VGG16Pool3) -> torch.Tensor:
+def inpainting_loss(
+  output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, vgg: VGG16Pool3
+) -> torch.Tensor:
   """The paper's total loss (valid, hole, perceptual, style out/comp, TV on the dilated holes)."""
   comp = mask * target + (1 - mask) * output
-  terms = {"valid": torch.mean(torch.abs(mask * (output - target))),
-           "hole": torch.mean(torch.abs((1 - mask) * (output - target)))}
+  terms = {
+    "valid": torch.mean(torch.abs(mask * (output - target))),
+    "hole": torch.mean(torch.abs((1 - mask) * (output - target))),
+  }
   with torch.no_grad():
     target_features = vgg(target)
     target_grams = [gram(f) for f in target_features]
   both = vgg(torch.cat((output, comp)))
   batch = output.shape[0]
   out_features, comp_features = [f[:batch] for f in both], [f[batch:] for f in both]
-  terms["perceptual"] = sum(F.l1_loss(f, g) for f, g in zip(out_features, target_features)) \
-      + sum(F.l1_loss(f, g) for f, g in zip(comp_features, target_features))
+  terms["perceptual"] = sum(F.l1_loss(f, g) for f, g in zip(out_features, target_features)) + sum(
+    F.l1_loss(f, g) for f, g in zip(comp_features, target_features)
+  )
   terms["style_out"] = sum(F.l1_loss(gram(f), g) for f, g in zip(out_features, target_grams))
   terms["style_comp"] = sum(F.l1_loss(gram(f), g) for f, g in zip(comp_features, target_grams))
   region = F.max_pool2d(1 - mask, 3, 1, 1)

@@ -1,4 +1,5 @@
-"""ImageNet (tfds `imagenet2012`, prepared from the manually downloaded archives) at 256x256, the paper's recipe."""
+"""ImageNet (tfds `imagenet2012`, prepared from the manually downloaded
+archives) at 256x256, the paper's recipe."""
 
 import ml_collections
 

@@ -1,8 +1,10 @@
-"""Errors a user can fix. Entry points print their message, which says what to do, without a traceback."""
+"""Errors a user can fix. Entry points print their message,
+which says what to do, without a traceback."""
 
 
 class UserError(Exception):
-  """A bad configuration, input, file or environment; the message says what is wrong and how to fix it."""
+  """A bad configuration, input, file or environment; the message
+  says what is wrong and how to fix it."""
 
 
 class ConfigError(UserError, ValueError):

@@ -1,50 +1,68 @@
-"""The evaluation run: the paper's table (L1, PSNR, SSIM, IScore, FID per hole-ratio bin) for a checkpoint and for
-classical baselines on the same images and masks.
+"""The evaluation run: the paper's table (L1, PSNR, SSIM, IScore, FID per hole-ratio bin) for a
+checkpoint and for classical baselines on the same images and masks.
 
     python -m pconv_jax.evaluate --config configs/places2.py --workdir DIR [--checkpoint CKPT_DIR]
     (or: python -m pconv_jax.main --config ... --workdir DIR --mode eval)
 
-Images: `config.eval.num_images` evaluation images (`input_pipeline.load_eval_images`). Masks per mask set
-(`masks.load_eval_masks`): the procedural sets "no_border" and "border" (no hole within
-`config.data.masks.border_margin` of a side), or the sets under `config.data.masks.test_dir` (e.g. NVIDIA's test
-masks), `config.eval.masks_per_bin` per bin. Each bin of each set evaluates P = max(N, M) pairs: pair j is image
-j mod N with mask j mod M (N images, M masks in the bin); the model and every baseline see the same pairs.
+Images: `config.eval.num_images` evaluation images (`input_pipeline.load_eval_images`). Masks per
+mask set (`masks.load_eval_masks`): the procedural sets "no_border" and "border" (no hole within
+`config.data.masks.border_margin` of a side), or the sets under `config.data.masks.test_dir` (e.g.
+NVIDIA's test masks), `config.eval.masks_per_bin` per bin. Each bin of each set evaluates P = max(N,
+M) pairs: pair j is image j mod N with mask j mod M (N images, M masks in the bin); the model and
+every baseline see the same pairs.
 
-Metrics (`pconv_jax.metrics`) are on the composite (output in the holes, known pixels elsewhere) on [0, 1] and
-averaged over the pairs. With Inception-v3 weights (`python -m pconv_jax.inception fetch fid`), each bin also gets
-the Inception score of its P composites (one split) and their FID against the N ground-truth images; without
-them those two columns say n/a and the notes say why.
+Metrics (`pconv_jax.metrics`) are on the composite (output in the holes, known pixels elsewhere) on
+[0, 1] and averaged over the pairs. With Inception-v3 weights
+(`python -m pconv_jax.inception fetch fid`), each bin also gets the Inception score of its P
+composites (one split) and their FID against the N ground-truth images; without them those two
+columns say n/a and the notes say why.
 
-Writes `<workdir>/eval/step_<N>/results.{csv,md,json}` and `samples_<mask set>.png` (one row per bin: masked
-input, model, baselines, ground truth), prints the Markdown table and returns the results as a dict.
-Deterministic; the model and Inception run sharded over all devices like training.
+Writes `<workdir>/eval/step_<N>/results.{csv,md,json}` and `samples_<mask set>.png` (one row per
+bin: masked input, model, baselines, ground truth), prints the Markdown table and returns the
+results as a dict. Deterministic; the model and Inception run sharded over all devices like
+training.
 """
 
+from collections.abc import Mapping, Sequence
 import csv
 import dataclasses
 import io
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from etils import epath
 from PIL import Image
 
-from pconv_jax import (baselines, checkpoints, images, inception, input_pipeline, kernels, masks, metrics,
-                       models, parallel)
+from pconv_jax import (
+  baselines,
+  checkpoints,
+  images,
+  inception,
+  input_pipeline,
+  kernels,
+  masks,
+  metrics,
+  models,
+  parallel,
+)
 from pconv_jax.errors import ConfigError, UserError
 
 MODEL_METHOD = "pconv"
 IMAGE_METRICS = ("l1_percent", "psnr", "ssim")
 # (key, Markdown label, format) in the paper's order.
-TABLE_METRICS = (("l1_percent", "L1 (%)", ".2f"), ("psnr", "PSNR (dB)", ".2f"), ("ssim", "SSIM", ".4f"),
-                 ("inception_score", "IScore", ".3f"), ("fid", "FID", ".2f"))
+TABLE_METRICS = (
+  ("l1_percent", "L1 (%)", ".2f"),
+  ("psnr", "PSNR (dB)", ".2f"),
+  ("ssim", "SSIM", ".4f"),
+  ("inception_score", "IScore", ".3f"),
+  ("fid", "FID", ".2f"),
+)
 SET_ABBREVIATIONS = {"no_border": "N", "border": "B"}  # The paper's column labels.
 CSV_COLUMNS = ("method", "mask_set", "bin", "pairs") + tuple(key for key, _, _ in TABLE_METRICS)
 
@@ -57,17 +75,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises EvalConfigError for an unusable `config.eval`."""
   cfg = config.eval
   if cfg.num_images is not None and cfg.num_images < 1:
-    raise EvalConfigError(f"config.eval.num_images must be positive or None (all), got {cfg.num_images}.")
+    raise EvalConfigError(
+      f"config.eval.num_images must be positive or None (all), got {cfg.num_images}."
+    )
   if cfg.masks_per_bin < 1:
     raise EvalConfigError(f"config.eval.masks_per_bin must be positive, got {cfg.masks_per_bin}.")
   if cfg.batch_size < 1:
     raise EvalConfigError(f"config.eval.batch_size must be positive, got {cfg.batch_size}.")
   unknown = [name for name in cfg.baselines if name not in baselines.METHODS]
   if unknown:
-    raise EvalConfigError(f"config.eval.baselines has unknown {unknown}; choose from {baselines.METHODS}.")
+    raise EvalConfigError(
+      f"config.eval.baselines has unknown {unknown}; choose from {baselines.METHODS}."
+    )
   if config.data.image_size < metrics.SSIM_WINDOW:
-    raise EvalConfigError(f"SSIM needs images of at least {metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW}; "
-                          f"config.data.image_size is {config.data.image_size}.")
+    raise EvalConfigError(
+      f"SSIM needs images of at least {metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW}; "
+      f"config.data.image_size is {config.data.image_size}."
+    )
 
 
 def _host(array: jax.Array) -> np.ndarray:
@@ -75,10 +99,17 @@ def _host(array: jax.Array) -> np.ndarray:
 
 
 class _Runner:
-  """The jitted computations at one global batch size (a multiple of the device count); pads and unpads."""
+  """The jitted computations at one global batch size (a multiple
+  of the device count); pads and unpads."""
 
-  def __init__(self, model: models.PUNet, variables: Mapping[str, Any], network: inception.Inception | None,
-               mesh: jax.sharding.Mesh, batch_size: int):
+  def __init__(
+    self,
+    model: models.PUNet,
+    variables: Mapping[str, Any],
+    network: inception.Inception | None,
+    mesh: jax.sharding.Mesh,
+    batch_size: int,
+  ):
     devices = mesh.devices.size
     self.batch_size = -(-batch_size // devices) * devices
     self._sharded, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
@@ -88,14 +119,18 @@ class _Runner:
       return images.composite(model.apply(variables, targets, masks_, train=False), targets, masks_)
 
     def score(predictions, targets):
-      return metrics.image_metrics(metrics.to_unit_range(predictions), metrics.to_unit_range(targets))
+      return metrics.image_metrics(
+        metrics.to_unit_range(predictions), metrics.to_unit_range(targets)
+      )
 
     self._predict = jax.jit(predict, out_shardings=replicated)
     self._score = jax.jit(score, out_shardings=replicated)
     if network is not None:
       self._inception_variables = parallel.replicate(network.variables, mesh)
       module = network.module()
-      self._inception = jax.jit(lambda v, x: module.apply(v, metrics.to_unit_range(x)), out_shardings=replicated)
+      self._inception = jax.jit(
+        lambda v, x: module.apply(v, metrics.to_unit_range(x)), out_shardings=replicated
+      )
     else:
       self._inception = None
 
@@ -106,16 +141,16 @@ class _Runner:
   def predict(self, images: np.ndarray, masks_: np.ndarray) -> np.ndarray:
     """Composites (n, H, W, 3) on [-1, 1] for n <= batch_size pairs; padding pairs have no hole."""
     out = self._predict(self._variables, self._pad(images, 0.0), self._pad(masks_, 1.0))
-    return _host(out)[:len(images)]
+    return _host(out)[: len(images)]
 
   def image_metrics(self, predictions: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     out = self._score(self._pad(predictions, 0.0), self._pad(targets, 0.0))
-    return {key: _host(value)[:len(predictions)].astype(np.float64) for key, value in out.items()}
+    return {key: _host(value)[: len(predictions)].astype(np.float64) for key, value in out.items()}
 
   def inception(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(pool features, logits) of up to batch_size images on [-1, 1]."""
     features, logits = self._inception(self._inception_variables, self._pad(images, 0.0))
-    return _host(features)[:len(images)], _host(logits)[:len(images)]
+    return _host(features)[: len(images)], _host(logits)[: len(images)]
 
   @property
   def has_inception(self) -> bool:
@@ -125,14 +160,23 @@ class _Runner:
 @dataclasses.dataclass
 class _MethodResult:
   """Per-pair values of one method on one bin, accumulated batch by batch."""
-  values: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=lambda: {k: [] for k in IMAGE_METRICS})
+
+  values: dict[str, list[np.ndarray]] = dataclasses.field(
+    default_factory=lambda: {k: [] for k in IMAGE_METRICS}
+  )
   features: list[np.ndarray] = dataclasses.field(default_factory=list)
   logits: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
-def _evaluate_bin(runner: _Runner, targets: np.ndarray, bin_masks: np.ndarray, methods: Sequence[str],
-                  sample_index: int) -> tuple[dict[str, _MethodResult], dict[str, np.ndarray]]:
-  """Every method on the P = max(N, M) pairs of one bin; also the outputs of pair `sample_index` for the grid."""
+def _evaluate_bin(
+  runner: _Runner,
+  targets: np.ndarray,
+  bin_masks: np.ndarray,
+  methods: Sequence[str],
+  sample_index: int,
+) -> tuple[dict[str, _MethodResult], dict[str, np.ndarray]]:
+  """Every method on the P = max(N, M) pairs of one bin; also the
+  outputs of pair `sample_index` for the grid."""
   pairs = max(len(targets), len(bin_masks))
   results = {method: _MethodResult() for method in methods}
   sample = {}
@@ -152,8 +196,11 @@ def _evaluate_bin(runner: _Runner, targets: np.ndarray, bin_masks: np.ndarray, m
         results[method].features.append(features)
         results[method].logits.append(logits)
     if start <= sample_index < start + len(index):
-      sample = {"input": batch_images[sample_index - start], "mask": batch_masks[sample_index - start],
-                **{method: output[sample_index - start] for method, output in outputs.items()}}
+      sample = {
+        "input": batch_images[sample_index - start],
+        "mask": batch_masks[sample_index - start],
+        **{method: output[sample_index - start] for method, output in outputs.items()},
+      }
   return results, sample
 
 
@@ -195,10 +242,16 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   for key, metric_label, spec in TABLE_METRICS:
     for k, method in enumerate(methods):
       cells = [_format(rows[(method, s, i)][key], spec) for s, i in columns]
-      lines.append("| " + " | ".join([metric_label if k == 0 else "", _method_name(method)] + cells) + " |")
-  title = (f"Evaluation of {results['checkpoint']} (step {results['step']}): {results['num_images']} images at "
-           f"{results['image_size']}x{results['image_size']}, masks: {results['mask_source']}.")
-  pairs = ", ".join(f"{s}: {'/'.join(str(n) for n in counts.values())}" for s, counts in results["pairs"].items())
+      lines.append(
+        "| " + " | ".join([metric_label if k == 0 else "", _method_name(method)] + cells) + " |"
+      )
+  title = (
+    f"Evaluation of {results['checkpoint']} (step {results['step']}): {results['num_images']} "
+    f"images at {results['image_size']}x{results['image_size']}, masks: {results['mask_source']}."
+  )
+  pairs = ", ".join(
+    f"{s}: {'/'.join(str(n) for n in counts.values())}" for s, counts in results["pairs"].items()
+  )
   notes = [f"Pairs per bin ({pairs})."] + results["notes"]
   return "\n".join([title, "", *lines, "", *(f"- {note}" for note in notes)]) + "\n"
 
@@ -213,7 +266,8 @@ def _csv(results: Mapping[str, Any]) -> str:
 
 
 def _json_safe(value: Any) -> Any:
-  """JSON has no infinities: +inf (PSNR of an exact reconstruction) is written as the string "inf"."""
+  """JSON has no infinities: +inf (PSNR of an exact reconstruction)
+  is written as the string "inf"."""
   if isinstance(value, float) and not math.isfinite(value):
     return "inf" if value > 0 else "-inf" if value < 0 else None
   if isinstance(value, Mapping):
@@ -225,47 +279,82 @@ def _json_safe(value: Any) -> Any:
 
 def _sample_grid(samples: Sequence[Mapping[str, np.ndarray]], methods: Sequence[str]) -> np.ndarray:
   """One row per bin: input with white holes, each method's composite, ground truth; uint8."""
-  return images.grid([[images.with_white_holes(s["input"], s["mask"]), *(s[m] for m in methods), s["input"]]
-                      for s in samples])
+  return images.grid(
+    [
+      [images.with_white_holes(s["input"], s["mask"]), *(s[m] for m in methods), s["input"]]
+      for s in samples
+    ]
+  )
 
 
-def _notes(config: ml_collections.ConfigDict, network: inception.Inception | None, meta: Mapping[str, Any],
-           pairs: Mapping[str, Mapping[str, int]], methods: Sequence[str]) -> list[str]:
-  notes = ["Metrics on the composite (output in the holes, input elsewhere), images on [0, 1]: L1 in % of the "
-           "range, PSNR in dB (range 1), SSIM with an 11x11 Gaussian window (sigma 1.5, K1 0.01, K2 0.03). "
-           "Pair j of a bin is image j mod N with mask j mod M."]
+def _notes(
+  config: ml_collections.ConfigDict,
+  network: inception.Inception | None,
+  meta: Mapping[str, Any],
+  pairs: Mapping[str, Mapping[str, int]],
+  methods: Sequence[str],
+) -> list[str]:
+  notes = [
+    "Metrics on the composite (output in the holes, input elsewhere), images on [0, 1]: L1 in % "
+    "of the range, PSNR in dB (range 1), SSIM with an 11x11 Gaussian window (sigma 1.5, K1 0.01, "
+    "K2 0.03). Pair j of a bin is image j mod N with mask j mod M."
+  ]
   if network is None:
-    why = "disabled (config.eval.inception=False)" if not config.eval.inception else inception.missing_weights_message()
+    why = (
+      "disabled (config.eval.inception=False)"
+      if not config.eval.inception
+      else inception.missing_weights_message()
+    )
     notes.append(f"IScore and FID: n/a, {why}.")
   else:
-    kind = ("pytorch-fid's FID Inception (the reference network)" if network.source == "fid"
-            else "Keras' Inception-v3 (comparable only with other Keras-weight numbers)")
-    notes.append(f"IScore (one split) of each bin's composites and their FID against the ground-truth images, with "
-                 f"{kind}. FID from few images is biased upward: compare FIDs only at equal counts.")
+    kind = (
+      "pytorch-fid's FID Inception (the reference network)"
+      if network.source == "fid"
+      else "Keras' Inception-v3 (comparable only with other Keras-weight numbers)"
+    )
+    notes.append(
+      "IScore (one split) of each bin's composites and their FID against the ground-truth images, "
+      f"with {kind}. FID from few images is biased upward: compare FIDs only at equal counts."
+    )
   if any(n == 0 for counts in pairs.values() for n in counts.values()):
     notes.append("Some bins have no masks (n/a): the mask set has none with that hole ratio.")
-  columns = ", ".join(["input with holes in white"] + [_method_name(m) for m in methods] + ["ground truth"])
-  notes.append(f"Sample grids samples_<mask set>.png: one row per bin, smallest holes first; columns: {columns}.")
+  columns = ", ".join(
+    ["input with holes in white"] + [_method_name(m) for m in methods] + ["ground truth"]
+  )
+  notes.append(
+    "Sample grids samples_<mask set>.png: one row per bin, smallest holes first; columns: "
+    f"{columns}."
+  )
   if config.eval.note:
     notes.append(config.eval.note)
   if meta.get("vgg_losses") is False:
-    notes.append("This model was trained without VGG-16 weights, i.e. without the perceptual and style losses: "
-                 "not the paper's loss.")
+    notes.append(
+      "This model was trained without VGG-16 weights, i.e. without the perceptual and style "
+      "losses: not the paper's loss."
+    )
   return notes
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
-             checkpoint: str | epath.Path | None = None) -> dict[str, Any]:
-  """Evaluates a checkpoint (default: the newest readable step in `workdir/checkpoints`) and the baselines.
+def evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str | epath.Path,
+  *,
+  checkpoint: str | epath.Path | None = None,
+) -> dict[str, Any]:
+  """Evaluates a checkpoint (default: the newest readable step in `workdir/checkpoints`) and the
+  baselines.
 
-  Writes `workdir/eval/step_<N>/results.{csv,md,json}` and sample grids, prints the Markdown table and returns
-  the results: {"checkpoint", "step", "num_images", "image_size", "mask_source", "pairs", "inception",
-  "notes", "rows": [{"method", "mask_set", "bin", "bin_index", "pairs", "l1_percent", "psnr", "ssim",
-  "inception_score", "fid"}]} (None where a value cannot be computed, +inf PSNR for an exact reconstruction).
+  Writes `workdir/eval/step_<N>/results.{csv,md,json}` and sample grids, prints the Markdown table
+  and returns the results: {"checkpoint", "step", "num_images", "image_size", "mask_source",
+  "pairs", "inception", "notes", "rows": [{"method", "mask_set", "bin", "bin_index", "pairs",
+  "l1_percent", "psnr", "ssim", "inception_score", "fid"}]} (None where a value cannot be computed,
+  +inf PSNR for an exact reconstruction).
   """
   validate_config(config)
   cfg = config.eval
-  directory = epath.Path(checkpoint) if checkpoint is not None else epath.Path(workdir) / "checkpoints"
+  directory = (
+    epath.Path(checkpoint) if checkpoint is not None else epath.Path(workdir) / "checkpoints"
+  )
   mesh = parallel.create_mesh(config.mesh.data)
   model, variables, meta = checkpoints.load_model(directory, cfg.step)
   model = model.clone(kernels=kernels.select(config.model.conv_impl, mesh.devices.flat))
@@ -273,18 +362,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
   network = inception.resolve(cfg.inception_weights) if cfg.inception else None
   available = len(input_pipeline.create_image_source(config.data, train=False))
   if cfg.num_images is not None and cfg.num_images > available:
-    raise EvalConfigError(f"config.eval.num_images is {cfg.num_images} but the evaluation images number "
-                          f"{available}: set it to at most {available}, or to None for all of them.")
+    raise EvalConfigError(
+      f"config.eval.num_images is {cfg.num_images} but the evaluation images number "
+      f"{available}: set it to at most {available}, or to None for all of them."
+    )
   targets = input_pipeline.load_eval_images(config.data, cfg.num_images)
   mask_sets = masks.load_eval_masks(config.data, cfg.masks_per_bin, seed=cfg.seed)
-  logging.info("Evaluating %s step %d on %d images and mask sets %s.", directory, step, len(targets),
-               {name: {bin_label(i): len(m) for i, m in sets.items()} for name, sets in mask_sets.items()})
+  logging.info(
+    "Evaluating %s step %d on %d images and mask sets %s.",
+    directory,
+    step,
+    len(targets),
+    {name: {bin_label(i): len(m) for i, m in sets.items()} for name, sets in mask_sets.items()},
+  )
 
   runner = _Runner(model, variables, network, mesh, cfg.batch_size)
   real_features = None
   if runner.has_inception:
-    real_features = np.concatenate([runner.inception(targets[s:s + runner.batch_size])[0]
-                                    for s in range(0, len(targets), runner.batch_size)])
+    real_features = np.concatenate(
+      [
+        runner.inception(targets[s : s + runner.batch_size])[0]
+        for s in range(0, len(targets), runner.batch_size)
+      ]
+    )
   methods = (MODEL_METHOD,) + tuple(cfg.baselines)
   rows, grids, pairs = [], {}, {}
   for set_name, by_bin in mask_sets.items():
@@ -297,18 +397,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
         by_method, sample = _evaluate_bin(runner, targets, bin_masks, methods, bin_index % count)
         samples.append(sample)
       for method in methods:
-        values = (_summarise(by_method[method], real_features) if count
-                  else dict.fromkeys(IMAGE_METRICS + ("inception_score", "fid")))
-        rows.append({"method": method, "mask_set": set_name, "bin": bin_label(bin_index), "bin_index": bin_index,
-                     "pairs": count, **values})
+        values = (
+          _summarise(by_method[method], real_features)
+          if count
+          else dict.fromkeys(IMAGE_METRICS + ("inception_score", "fid"))
+        )
+        rows.append(
+          {
+            "method": method,
+            "mask_set": set_name,
+            "bin": bin_label(bin_index),
+            "bin_index": bin_index,
+            "pairs": count,
+            **values,
+          }
+        )
     if samples:
       grids[set_name] = _sample_grid(samples, methods)
 
   results = {
-      "checkpoint": str(directory), "step": step, "num_images": len(targets), "image_size": int(targets.shape[1]),
-      "mask_source": config.data.masks.test_dir or "procedural evaluation masks", "pairs": pairs,
-      "inception": None if network is None else network.source,
-      "notes": _notes(config, network, meta, pairs, methods), "rows": rows}
+    "checkpoint": str(directory),
+    "step": step,
+    "num_images": len(targets),
+    "image_size": int(targets.shape[1]),
+    "mask_source": config.data.masks.test_dir or "procedural evaluation masks",
+    "pairs": pairs,
+    "inception": None if network is None else network.source,
+    "notes": _notes(config, network, meta, pairs, methods),
+    "rows": rows,
+  }
   table = markdown_table(results)
   if jax.process_index() == 0:
     out = epath.Path(workdir) / "eval" / f"step_{step}"
@@ -325,13 +442,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | epath.Path, *,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m pconv_jax.evaluate --config FILE --workdir DIR [--checkpoint DIR]`: absl flags as in main.py."""
+  """`python -m pconv_jax.evaluate --config FILE --workdir DIR
+  [--checkpoint DIR]`: absl flags as in main.py."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file("config", None, "Configuration file, e.g. configs/places2.py.")
-  flags.DEFINE_string("workdir", None, "Workdir: checkpoints in WORKDIR/checkpoints, results in WORKDIR/eval.")
-  flags.DEFINE_string("checkpoint", None, "A checkpoint directory to evaluate instead of WORKDIR/checkpoints.")
+  flags.DEFINE_string(
+    "workdir", None, "Workdir: checkpoints in WORKDIR/checkpoints, results in WORKDIR/eval."
+  )
+  flags.DEFINE_string(
+    "checkpoint", None, "A checkpoint directory to evaluate instead of WORKDIR/checkpoints."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(args: list[str]) -> None:

@@ -1,11 +1,12 @@
 """Image helpers shared by the data pipeline, training, evaluation and inference.
 
 Model images are float32 on [-1, 1], RGB; masks have 1 = valid pixel, 0 = hole. Mask files follow
-NVIDIA's convention instead: white = hole, black = valid, grey >= `MASK_THRESHOLD` counting as white.
+NVIDIA's convention instead: white = hole, black = valid, grey >= `MASK_THRESHOLD` counting as
+white.
 """
 
-import os
 from collections.abc import Sequence
+import os
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,8 @@ from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MASK_THRESHOLD = 128
-# What PIL raises for a file that is not a readable image (UnidentifiedImageError and truncated files
-# are OSErrors).
+# What PIL raises for a file that is not a readable image (UnidentifiedImageError and truncated
+# files are OSErrors).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -64,7 +65,7 @@ def load(path: str | os.PathLike) -> Image.Image:
 
 
 def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-  """A mask file as bool (H, W), True where white (>= MASK_THRESHOLD as 8-bit grey, colour by ITU-R 601
-  luma, alpha ignored), and the number of pixels that were neither black nor white."""
+  """A mask file as bool (H, W), True where white (>= MASK_THRESHOLD as 8-bit grey, colour by ITU-R
+  601 luma, alpha ignored), and the number of pixels that were neither black nor white."""
   grey = np.asarray(load(path).convert("L"))
   return grey >= MASK_THRESHOLD, int(np.count_nonzero((grey != 0) & (grey != 255)))

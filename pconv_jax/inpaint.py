@@ -1,38 +1,40 @@
 """Inpaint your own images with a trained checkpoint: a small Python API and a command-line tool.
 
-    python -m pconv_jax.inpaint --checkpoint WORKDIR_OR_CHECKPOINT_DIR --image photo.jpg --mask mask.png \
-        --output out.png [--mask_polarity white_hole|black_hole]
+    python -m pconv_jax.inpaint --checkpoint WORKDIR_OR_CHECKPOINT_DIR --image photo.jpg \
+        --mask mask.png --output out.png [--mask_polarity white_hole|black_hole]
     python -m pconv_jax.inpaint --checkpoint DIR --image photos/ --mask masks/ --output results/
 
 In Python (load once, inpaint many):
 
     inpainter = Inpainter.from_checkpoint("workdir")
-    result = inpainter(image, hole)              # image (H, W, 3) uint8 or float on [0, 1]; hole (H, W) bool
+    result = inpainter(image, hole)  # image (H, W, 3) uint8 or float on [0, 1]; hole (H, W) bool
     results = inpainter.inpaint_many(images, holes)
 
-Any size: the image is padded at the bottom and right to the next multiple of the network's size multiple
-(2**depth), the padding is marked as hole, and the result is cropped back. A partial-convolution network never
-reads image values under a hole, so the values under the padding do not matter (zeros are used). The known
-pixels of the result are the input's, bit for bit; with a lossy output format (JPEG) they are re-encoded.
+Any size: the image is padded at the bottom and right to the next multiple of the network's size
+multiple (2**depth), the padding is marked as hole, and the result is cropped back. A
+partial-convolution network never reads image values under a hole, so the values under the padding
+do not matter (zeros are used). The known pixels of the result are the input's, bit for bit; with a
+lossy output format (JPEG) they are re-encoded.
 
-Mask files: white = hole (NVIDIA's convention) by default, `--mask_polarity black_hole` for the opposite. A mask
-is read as 8-bit greyscale (colour by ITU-R 601 luma, alpha ignored) and thresholded: grey >= 128 is white. A mask
-with other grey values than 0 and 255 (e.g. saved as JPEG) is thresholded with a warning. Folder mode pairs
-`photos/NAME.*` with `masks/NAME.*` and writes `results/NAME.png`; images of equal padded size are batched.
+Mask files: white = hole (NVIDIA's convention) by default, `--mask_polarity black_hole` for the
+opposite. A mask is read as 8-bit greyscale (colour by ITU-R 601 luma, alpha ignored) and
+thresholded: grey >= 128 is white. A mask with other grey values than 0 and 255 (e.g. saved as JPEG)
+is thresholded with a warning. Folder mode pairs `photos/NAME.*` with `masks/NAME.*` and writes
+`results/NAME.png`; images of equal padded size are batched.
 """
 
 import argparse
+from collections.abc import Sequence
 import dataclasses
 import functools
-import sys
-from collections.abc import Sequence
 from pathlib import Path
+import sys
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from PIL import Image
 
 from pconv_jax import checkpoints, images, kernels, models
@@ -48,15 +50,22 @@ class InpaintError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True, eq=False)
 class Inpainter:
   """A loaded network that inpaints arrays of any size. Build it with `from_checkpoint`."""
+
   model: models.PUNet
   variables: Any
   batch_size: int = 4
 
   @classmethod
-  def from_checkpoint(cls, path: str | epath.Path, step: int | None = None, batch_size: int = 4,
-                      conv_impl: str = "auto") -> "Inpainter":
-    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable step by
-    default); local or on an object store (gs://). `conv_impl` as `config.model.conv_impl`."""
+  def from_checkpoint(
+    cls,
+    path: str | epath.Path,
+    step: int | None = None,
+    batch_size: int = 4,
+    conv_impl: str = "auto",
+  ) -> "Inpainter":
+    """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable
+    step by default); local or on an object store (gs://). `conv_impl` as
+    `config.model.conv_impl`."""
     path = epath.Path(path).expanduser()
     if (path / "checkpoints").is_dir():
       path = path / "checkpoints"
@@ -69,25 +78,34 @@ class Inpainter:
     return jax.jit(functools.partial(self.model.apply, train=False))
 
   def __call__(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
-    """Inpaints one image: (H, W, 3) uint8, or float on [0, 1]; `hole` (H, W) or (H, W, 1), true/1 = inpaint.
+    """Inpaints one image: (H, W, 3) uint8, or float on [0, 1]; `hole` (H, W) or (H, W, 1), true/1 =
+    inpaint.
 
-    Returns an array like `image` (same shape and dtype) whose pixels outside the hole are `image`'s.
+    Returns an array like `image` (same shape and dtype) whose pixels outside the hole are
+    `image`'s.
     """
     return self.inpaint_many([image], [hole])[0]
 
-  def inpaint_many(self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Inpaints many images (sizes may differ): those of equal padded size run together, `batch_size` at a time."""
+  def inpaint_many(
+    self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray]
+  ) -> list[np.ndarray]:
+    """Inpaints many images (sizes may differ): those of equal padded size run together,
+    `batch_size` at a time."""
     if len(images) != len(holes):
       raise InpaintError(f"Got {len(images)} images but {len(holes)} hole masks.")
-    checked = [_check(image, hole, f"image {i}") for i, (image, hole) in enumerate(zip(images, holes))]
+    checked = [
+      _check(image, hole, f"image {i}") for i, (image, hole) in enumerate(zip(images, holes))
+    ]
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (image, _) in enumerate(checked):
       groups.setdefault(self._padded_size(image.shape[:2]), []).append(i)
     results: list[np.ndarray | None] = [None] * len(images)
     for size, indices in groups.items():
       for start in range(0, len(indices), self.batch_size):
-        chunk = indices[start:start + self.batch_size]
-        outputs = self._predict([checked[i][0] for i in chunk], [checked[i][1] for i in chunk], size)
+        chunk = indices[start : start + self.batch_size]
+        outputs = self._predict(
+          [checked[i][0] for i in chunk], [checked[i][1] for i in chunk], size
+        )
         for i, output in zip(chunk, outputs):
           results[i] = _merge(images[i], checked[i][1], output)
     return results
@@ -96,9 +114,11 @@ class Inpainter:
     m = self.model.size_multiple
     return (-(-size[0] // m) * m, -(-size[1] // m) * m)
 
-  def _predict(self, images: list[np.ndarray], holes: list[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
-    """Network outputs on [-1, 1] for images on [-1, 1], each cropped to its image's size. The batch is
-    padded to `batch_size` so that every batch of one size reuses one compilation."""
+  def _predict(
+    self, images: list[np.ndarray], holes: list[np.ndarray], size: tuple[int, int]
+  ) -> list[np.ndarray]:
+    """Network outputs on [-1, 1] for images on [-1, 1], each cropped to its image's size. The batch
+    is padded to `batch_size` so that every batch of one size reuses one compilation."""
     batch = np.zeros((self.batch_size, *size, 3), np.float32)
     valid = np.zeros((self.batch_size, *size, 1), np.float32)  # Padding rows and columns are holes.
     for k, (image, hole) in enumerate(zip(images, holes)):
@@ -106,7 +126,7 @@ class Inpainter:
       batch[k, :h, :w] = image
       valid[k, :h, :w, 0] = ~hole
     outputs = np.asarray(self._apply(self.variables, jnp.asarray(batch), jnp.asarray(valid)))
-    return [outputs[k, :hole.shape[0], :hole.shape[1]] for k, hole in enumerate(holes)]
+    return [outputs[k, : hole.shape[0], : hole.shape[1]] for k, hole in enumerate(holes)]
 
 
 def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +139,10 @@ def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, 
   if hole.ndim != 2:
     raise InpaintError(f"{name}: expected a mask of shape (H, W) or (H, W, 1), got {hole.shape}.")
   if hole.shape != image.shape[:2]:
-    raise InpaintError(f"{name}: the image is {image.shape[1]}x{image.shape[0]} pixels but the mask is "
-                       f"{hole.shape[1]}x{hole.shape[0]}: the mask must have the image's size.")
+    raise InpaintError(
+      f"{name}: the image is {image.shape[1]}x{image.shape[0]} pixels but the mask is "
+      f"{hole.shape[1]}x{hole.shape[0]}: the mask must have the image's size."
+    )
   hole = hole.astype(bool)
   if not hole.any():
     raise InpaintError(f"{name}: the mask has no hole, so there is nothing to inpaint.")
@@ -131,18 +153,23 @@ def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, 
   if not np.issubdtype(image.dtype, np.floating):
     raise InpaintError(f"{name}: expected uint8 or float pixels, got {image.dtype}.")
   if not (np.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0):
-    raise InpaintError(f"{name}: float images must lie on [0, 1]; got values in [{image.min()}, {image.max()}].")
+    raise InpaintError(
+      f"{name}: float images must lie on [0, 1]; got values in [{image.min()}, {image.max()}]."
+    )
   return image.astype(np.float32) * 2.0 - 1.0, hole
 
 
 def _merge(image: np.ndarray, hole: np.ndarray, output: np.ndarray) -> np.ndarray:
   """The output (on [-1, 1]) in the hole, `image` itself elsewhere, in `image`'s dtype and range."""
-  filled = (images.to_uint8(output) if image.dtype == np.uint8
-            else np.clip((output + 1.0) / 2.0, 0.0, 1.0).astype(image.dtype))
+  filled = (
+    images.to_uint8(output)
+    if image.dtype == np.uint8
+    else np.clip((output + 1.0) / 2.0, 0.0, 1.0).astype(image.dtype)
+  )
   return np.where(hole[..., None], filled, image)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Files.
 
 
@@ -157,8 +184,8 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_hole_mask(path: Path, polarity: str = "white_hole") -> tuple[np.ndarray, int]:
-  """A mask file as bool (H, W), True = hole, and the number of pixels that were neither black nor white
-  (`images.read_mask`: EXIF orientation applied, grey >= 128 is white)."""
+  """A mask file as bool (H, W), True = hole, and the number of pixels that were neither black nor
+  white (`images.read_mask`: EXIF orientation applied, grey >= 128 is white)."""
   if polarity not in POLARITIES:
     raise InpaintError(f"Unknown mask polarity {polarity!r}; use one of {POLARITIES}.")
   try:
@@ -175,23 +202,36 @@ def write_image(image: np.ndarray, path: Path) -> None:
   try:
     Image.fromarray(image).save(path)
   except (ValueError, OSError) as e:  # PIL: unknown extension, or the file cannot be written.
-    raise InpaintError(f"{path}: cannot write the result there ({e}); use a .png (lossless) path.") from e
+    raise InpaintError(
+      f"{path}: cannot write the result there ({e}); use a .png (lossless) path."
+    ) from e
 
 
 def _pairs(image_arg: Path, mask_arg: Path, output_arg: Path) -> list[tuple[Path, Path, Path]]:
-  """(image, mask, output) paths: one pair, or every image of a folder with the mask of the same name."""
+  """(image, mask, output) paths: one pair, or every image of a
+  folder with the mask of the same name."""
   if not image_arg.is_dir():
     if mask_arg.is_dir() or output_arg.is_dir():
-      raise InpaintError(f"--image {image_arg} is a file, so --mask and --output must be files too.")
+      raise InpaintError(
+        f"--image {image_arg} is a file, so --mask and --output must be files too."
+      )
     if output_arg.suffix.lower() not in Image.registered_extensions():
-      raise InpaintError(f"--output {output_arg}: unknown image format {output_arg.suffix!r}; use e.g. a .png path.")
+      raise InpaintError(
+        f"--output {output_arg}: unknown image format {output_arg.suffix!r}; use e.g. a .png path."
+      )
     return [(image_arg, mask_arg, output_arg)]
   if not mask_arg.is_dir():
-    raise InpaintError(f"--image {image_arg} is a folder, so --mask must be a folder of masks named like the images; "
-                       f"{mask_arg} is not a folder.")
+    raise InpaintError(
+      f"--image {image_arg} is a folder, so --mask must be a folder of masks named like the "
+      f"images; {mask_arg} is not a folder."
+    )
   if output_arg.exists() and not output_arg.is_dir():
-    raise InpaintError(f"--image is a folder, so --output must be a folder; {output_arg} is a file.")
-  photos = sorted(p for p in image_arg.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file())
+    raise InpaintError(
+      f"--image is a folder, so --output must be a folder; {output_arg} is a file."
+    )
+  photos = sorted(
+    p for p in image_arg.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file()
+  )
   if not photos:
     raise InpaintError(f"{image_arg} holds no images ({', '.join(images.IMAGE_SUFFIXES)}).")
   masks_by_stem: dict[str, list[Path]] = {}
@@ -202,8 +242,10 @@ def _pairs(image_arg: Path, mask_arg: Path, output_arg: Path) -> list[tuple[Path
   for image in photos:
     candidates = masks_by_stem.get(image.stem, [])
     if len(candidates) != 1:
-      problems.append(f"{image.name}: {'no mask' if not candidates else 'several masks'} named {image.stem}.* in "
-                      f"{mask_arg}")
+      problems.append(
+        f"{image.name}: {'no mask' if not candidates else 'several masks'} named {image.stem}.* in "
+        f"{mask_arg}"
+      )
     else:
       pairs.append((image, candidates[0], output_arg / f"{image.stem}.png"))
   if problems:
@@ -211,7 +253,9 @@ def _pairs(image_arg: Path, mask_arg: Path, output_arg: Path) -> list[tuple[Path
   return pairs
 
 
-def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[list, list, list[str], list[str]]:
+def _load_pairs(
+  pairs: list[tuple[Path, Path, Path]], polarity: str
+) -> tuple[list, list, list[str], list[str]]:
   """Reads and checks every pair before any inference: (images, holes, warnings, problems)."""
   photos, holes, warnings, problems = [], [], [], []
   flip = "black_hole" if polarity == "white_hole" else "white_hole"
@@ -220,17 +264,23 @@ def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[li
       image = read_image(image_path)
       hole, grey_pixels = read_hole_mask(mask_path, polarity)
       if grey_pixels:
-        warnings.append(f"{mask_path}: not a binary mask ({grey_pixels} pixels are neither black nor white); "
-                        f"thresholded at {images.MASK_THRESHOLD}: lighter pixels count as white.")
+        warnings.append(
+          f"{mask_path}: not a binary mask ({grey_pixels} pixels are neither black nor white); "
+          f"thresholded at {images.MASK_THRESHOLD}: lighter pixels count as white."
+        )
       colour = "white" if polarity == "white_hole" else "black"
       if hole.shape == image.shape[:2] and not hole.any():
-        raise InpaintError(f"{mask_path}: the mask has no hole (no {colour} pixel with --mask_polarity "
-                           f"{polarity}), so there is nothing to inpaint. If holes are the other colour, pass "
-                           f"--mask_polarity {flip}.")
+        raise InpaintError(
+          f"{mask_path}: the mask has no hole (no {colour} pixel with --mask_polarity "
+          f"{polarity}), so there is nothing to inpaint. If holes are the other colour, pass "
+          f"--mask_polarity {flip}."
+        )
       if hole.shape == image.shape[:2] and hole.all():
-        raise InpaintError(f"{mask_path}: the mask is all hole (every pixel {colour} with --mask_polarity "
-                           f"{polarity}), so no known pixel is left. If holes are the other colour, pass "
-                           f"--mask_polarity {flip}.")
+        raise InpaintError(
+          f"{mask_path}: the mask is all hole (every pixel {colour} with --mask_polarity "
+          f"{polarity}), so no known pixel is left. If holes are the other colour, pass "
+          f"--mask_polarity {flip}."
+        )
       _check(image, hole, f"{image_path} with mask {mask_path}")
       photos.append(image)
       holes.append(hole)
@@ -241,19 +291,41 @@ def _load_pairs(pairs: list[tuple[Path, Path, Path]], polarity: str) -> tuple[li
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
-      prog="python -m pconv_jax.inpaint", description="Inpaint images with a trained PConv checkpoint.",
-      epilog="Masks: white = hole by default (NVIDIA's convention); grey >= 128 counts as white.")
-  parser.add_argument("--checkpoint", required=True, type=epath.Path,
-                      help="a workdir (its checkpoints/ is used) or a checkpoint directory")
+    prog="python -m pconv_jax.inpaint",
+    description="Inpaint images with a trained PConv checkpoint.",
+    epilog="Masks: white = hole by default (NVIDIA's convention); grey >= 128 counts as white.",
+  )
+  parser.add_argument(
+    "--checkpoint",
+    required=True,
+    type=epath.Path,
+    help="a workdir (its checkpoints/ is used) or a checkpoint directory",
+  )
   parser.add_argument("--step", type=int, help="checkpoint step (default: the newest readable one)")
-  parser.add_argument("--image", required=True, type=Path, help="an image file, or a folder of images")
-  parser.add_argument("--mask", required=True, type=Path,
-                      help="a mask file, or a folder of masks named like the images")
-  parser.add_argument("--output", required=True, type=Path,
-                      help="output file (.png keeps known pixels exact), or folder")
-  parser.add_argument("--mask_polarity", choices=POLARITIES, default="white_hole",
-                      help="which colour marks the hole (default: white_hole)")
-  parser.add_argument("--batch_size", type=int, default=4, help="images per network call in folder mode")
+  parser.add_argument(
+    "--image", required=True, type=Path, help="an image file, or a folder of images"
+  )
+  parser.add_argument(
+    "--mask",
+    required=True,
+    type=Path,
+    help="a mask file, or a folder of masks named like the images",
+  )
+  parser.add_argument(
+    "--output",
+    required=True,
+    type=Path,
+    help="output file (.png keeps known pixels exact), or folder",
+  )
+  parser.add_argument(
+    "--mask_polarity",
+    choices=POLARITIES,
+    default="white_hole",
+    help="which colour marks the hole (default: white_hole)",
+  )
+  parser.add_argument(
+    "--batch_size", type=int, default=4, help="images per network call in folder mode"
+  )
   args = parser.parse_args(argv)
   try:
     if args.batch_size < 1:
@@ -270,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"Wrote {len(pairs)} images to {args.output}" if args.image.is_dir() else f"Wrote {args.output}")
+  print(
+    f"Wrote {len(pairs)} images to {args.output}" if args.image.is_dir() else f"Wrote {args.output}"
+  )
   return 0
 
 

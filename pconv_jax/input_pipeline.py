@@ -1,23 +1,25 @@
-"""Input pipeline: image sources -> decode, crop, flip -> paired with a hole mask -> per-process batches.
+"""Input pipeline: image sources -> decode, crop, flip -> with a hole mask -> per-process batches.
 
 Sources (config.data.source):
   tfds    a tensorflow-datasets dataset prepared with file_format="array_record", read through
-          `tfds.data_source`-style random access without TensorFlow (e.g. places365_small, celeb_a_hq/256,
-          imagenet2012);
+          `tfds.data_source`-style random access without TensorFlow (e.g. places365_small,
+          celeb_a_hq/256, imagenet2012);
   folder  every image file under a directory (recursively, sorted by path);
-  demo    natural photos shipped inside scikit-image's wheel (no network), with a held-out eval split.
+  demo    natural photos shipped inside scikit-image's wheel (no network), some held out for eval.
 
 Determinism: training example at global position g (= step * global_batch + i) is record
-perm_e(g mod N) of epoch e = g div N, with grain's per-epoch index shuffle seeded from `seed`; its crop,
-flip and mask use `np.random.default_rng([seed, g, stream])`. Process p of P takes positions
+perm_e(g mod N) of epoch e = g div N, with grain's per-epoch index shuffle seeded from `seed`; its
+crop, flip and mask use `np.random.default_rng([seed, g, stream])`. Process p of P takes positions
 [p b, (p + 1) b) of every global batch (b = global_batch / P). A batch is therefore a function of
-(seed, step) alone: independent of restarts, of the worker count, and (globally) of the process count.
-The iterator state is the step; `TrainIterator.get_state()` / `set_state()` save and restore it.
+(seed, step) alone: independent of restarts, of the worker count, and (globally) of the process
+count. The iterator state is the step; `TrainIterator.get_state()` / `set_state()` save and restore
+it.
 
-Unreadable images (corrupt, truncated, not an image) are replaced by the next readable record, logged and
-counted (`TrainIterator.num_skipped`); only many consecutive failures raise.
+Unreadable images (corrupt, truncated, not an image) are replaced by the next readable record,
+logged and counted (`TrainIterator.num_skipped`); only many consecutive failures raise.
 
-Batches: {'image': float32 (b, H, W, 3) in [-1, 1] RGB, 'mask': float32 (b, H, W, 1), 1 = valid, 0 = hole}.
+Batches: {'image': float32 (b, H, W, 3) in [-1, 1] RGB, 'mask': float32 (b, H, W, 1), 1 = valid, 0 =
+hole}.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ import json
 import pathlib
 from typing import Any, Protocol
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 import grain
 import jax
 import ml_collections
@@ -42,32 +43,39 @@ from pconv_jax import images
 from pconv_jax import masks as masks_lib
 from pconv_jax.errors import ConfigError, DataError, MissingDataError
 
-# Colour photos in scikit-image's wheel (skimage/data) that load without a download. The motorcycle stereo
-# pair stays on one side of the split so the demo's eval photos are unseen.
-DEMO_TRAIN_PHOTOS = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
-                     "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+# Colour photos in scikit-image's wheel (skimage/data) that load without a download. The motorcycle
+# stereo pair stays on one side of the split so the demo's eval photos are unseen.
+DEMO_TRAIN_PHOTOS = (
+  "astronaut.png",
+  "hubble_deep_field.jpg",
+  "ihc.png",
+  "motorcycle_left.png",
+  "motorcycle_right.png",
+  "retina.jpg",
+  "rocket.jpg",
+)
 DEMO_EVAL_PHOTOS = ("chelsea.png", "coffee.png")
 
 _MAX_CONSECUTIVE_SKIPS = 100
 _STATE_VERSION = 1
 
 _PREPARE_HELP = (
-    "Prepare it once with file_format='array_record' (TensorFlow-free reading needs that format). The "
-    "tfds CLI and the builders of places365_small, imagenet2012 and celeb_a_hq import TensorFlow, so run "
-    "the preparation where it is installed, e.g. in a separate environment: `pip install tensorflow-cpu "
-    "tensorflow-datasets==4.9.10 array_record importlib_resources`, then `tfds build {name} "
-    "--file_format=array_record --data_dir={data_dir}` (imagenet2012 and celeb_a_hq also need "
-    "--manual_dir=<downloaded archives>). See the README. Or use config.data.source='folder'.")
+  "Prepare it once with file_format='array_record' (TensorFlow-free reading needs that format). "
+  "The tfds CLI and the builders of places365_small, imagenet2012 and celeb_a_hq import "
+  "TensorFlow, so run the preparation where it is installed, e.g. in a separate environment: `pip "
+  "install tensorflow-cpu tensorflow-datasets==4.9.10 array_record importlib_resources`, then "
+  "`tfds build {name} --file_format=array_record --data_dir={data_dir}` (imagenet2012 and "
+  "celeb_a_hq also need --manual_dir=<downloaded archives>). See the README. Or use "
+  "config.data.source='folder'."
+)
 
 
 class ImageSource(Protocol):
   """Random access to encoded images."""
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> bytes:
-    ...
+  def __getitem__(self, index: int) -> bytes: ...
 
   def describe(self, index: int) -> str:
     """Names record `index` in log messages."""
@@ -77,6 +85,7 @@ class ImageSource(Protocol):
 @dataclasses.dataclass(frozen=True)
 class FileSource:
   """Image files, read on access."""
+
   paths: tuple[str, ...]
 
   def __len__(self) -> int:
@@ -92,6 +101,7 @@ class FileSource:
 @dataclasses.dataclass(frozen=True)
 class TfdsSource:
   """The encoded `image_key` feature of a tfds array_record data source."""
+
   data_source: Any
   image_key: str
   name: str
@@ -110,19 +120,28 @@ def folder_source(folder: str | pathlib.Path) -> FileSource:
   """All files with an image extension under `folder`, sorted by relative path."""
   root = pathlib.Path(folder).expanduser()
   if not root.is_dir():
-    raise MissingDataError(f"Image folder {root} does not exist (config.data.folder / eval_folder).")
-  paths = sorted((p for p in root.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file()),
-                 key=lambda p: p.relative_to(root).as_posix())
+    raise MissingDataError(
+      f"Image folder {root} does not exist (config.data.folder / eval_folder)."
+    )
+  paths = sorted(
+    (p for p in root.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES and p.is_file()),
+    key=lambda p: p.relative_to(root).as_posix(),
+  )
   if not paths:
-    raise DataError(f"Image folder {root} holds no image files ({', '.join(images.IMAGE_SUFFIXES)}).")
+    raise DataError(
+      f"Image folder {root} holds no image files ({', '.join(images.IMAGE_SUFFIXES)})."
+    )
   return FileSource(tuple(str(p) for p in paths))
 
 
 def demo_source(*, train: bool) -> FileSource:
-  """The demo photos from scikit-image's wheel: DEMO_TRAIN_PHOTOS or the held-out DEMO_EVAL_PHOTOS."""
+  """The demo photos from scikit-image's wheel: DEMO_TRAIN_PHOTOS
+  or the held-out DEMO_EVAL_PHOTOS."""
   spec = importlib.util.find_spec("skimage")
   if spec is None or not spec.submodule_search_locations:
-    raise DataError("config.data.source='demo' needs scikit-image (pip install scikit-image==0.26.0).")
+    raise DataError(
+      "config.data.source='demo' needs scikit-image (pip install scikit-image==0.26.0)."
+    )
   data_dir = pathlib.Path(spec.submodule_search_locations[0]) / "data"
   paths = tuple(str(data_dir / name) for name in (DEMO_TRAIN_PHOTOS if train else DEMO_EVAL_PHOTOS))
   missing = [p for p in paths if not pathlib.Path(p).is_file()]
@@ -131,44 +150,62 @@ def demo_source(*, train: bool) -> FileSource:
   return FileSource(paths)
 
 
-def tfds_source(name: str, split: str, *, data_dir: str | None = None,
-                image_key: str = "image") -> TfdsSource:
+def tfds_source(
+  name: str, split: str, *, data_dir: str | None = None, image_key: str = "image"
+) -> TfdsSource:
   """Random access to a prepared array_record tfds dataset, images left encoded (no TensorFlow)."""
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
-    raise DataError(f"Unknown tensorflow-datasets dataset {name!r} (config.data.tfds_name); e.g. "
-                     "places365_small, celeb_a_hq/256 or imagenet2012.") from e
+    raise DataError(
+      f"Unknown tensorflow-datasets dataset {name!r} (config.data.tfds_name); e.g. "
+      "places365_small, celeb_a_hq/256 or imagenet2012."
+    ) from e
   prepare_help = _PREPARE_HELP.format(name=name, data_dir=data_dir or "~/tensorflow_datasets")
   if not builder.is_prepared():
-    raise MissingDataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}. {prepare_help}")
+    raise MissingDataError(
+      f"tfds dataset {name!r} is not prepared in {builder.data_dir}. {prepare_help}"
+    )
   if image_key not in builder.info.features:
-    raise DataError(f"tfds dataset {name!r} has no feature {image_key!r} (config.data.image_key); it has "
-                     f"{sorted(builder.info.features.keys())}.")
+    raise DataError(
+      f"tfds dataset {name!r} has no feature {image_key!r} (config.data.image_key); it has "
+      f"{sorted(builder.info.features.keys())}."
+    )
   try:
-    data_source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+    data_source = builder.as_data_source(
+      split=split, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
   except NotImplementedError as e:  # Prepared in the default tfrecord format.
-    raise DataError(f"tfds dataset {name!r} in {builder.data_dir} was prepared as "
-                     f"{builder.info.file_format}, which needs TensorFlow to read. {prepare_help}") from e
+    raise DataError(
+      f"tfds dataset {name!r} in {builder.data_dir} was prepared as "
+      f"{builder.info.file_format}, which needs TensorFlow to read. {prepare_help}"
+    ) from e
   return TfdsSource(data_source, image_key, f"{name}/{split}")
 
 
 def create_image_source(config: ml_collections.ConfigDict, *, train: bool) -> ImageSource:
   """The training or evaluation images described by `config.data`."""
   if config.source == "tfds":
-    return tfds_source(config.tfds_name, config.train_split if train else config.eval_split,
-                       data_dir=config.tfds_data_dir, image_key=config.image_key)
+    return tfds_source(
+      config.tfds_name,
+      config.train_split if train else config.eval_split,
+      data_dir=config.tfds_data_dir,
+      image_key=config.image_key,
+    )
   if config.source == "folder":
     if not config.folder:
       raise ConfigError("config.data.source='folder' needs config.data.folder.")
     if train or config.eval_folder:
       return folder_source(config.folder if train else config.eval_folder)
-    logging.warning("config.data.eval_folder is not set: evaluating on the training folder %s.",
-                    config.folder)
+    logging.warning(
+      "config.data.eval_folder is not set: evaluating on the training folder %s.", config.folder
+    )
     return folder_source(config.folder)
   if config.source == "demo":
     return demo_source(train=train)
-  raise ConfigError(f"Unknown config.data.source {config.source!r}; use 'tfds', 'folder' or 'demo'.")
+  raise ConfigError(
+    f"Unknown config.data.source {config.source!r}; use 'tfds', 'folder' or 'demo'."
+  )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -177,16 +214,20 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image
   if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
     rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert(
+      "RGB"
+    )
   return images.to_8bit(image).convert("RGB")
 
 
-def decode_image(data: bytes, *, image_size: int, resize_shorter_side: int | None = None) -> Image.Image:
+def decode_image(
+  data: bytes, *, image_size: int, resize_shorter_side: int | None = None
+) -> Image.Image:
   """Decodes an image to RGB with its shorter side >= image_size (and = resize_shorter_side if set).
 
   Applies the EXIF orientation. Images smaller than image_size are resized up (bicubic); with
-  `resize_shorter_side`, JPEGs are decoded at a reduced scale first (PIL draft mode) when that is enough.
-  Raises one of `images.DECODE_ERRORS` for unreadable data.
+  `resize_shorter_side`, JPEGs are decoded at a reduced scale first (PIL draft mode) when that is
+  enough. Raises one of `images.DECODE_ERRORS` for unreadable data.
   """
   with Image.open(io.BytesIO(data)) as image:
     if resize_shorter_side and image.format == "JPEG":
@@ -199,13 +240,18 @@ def decode_image(data: bytes, *, image_size: int, resize_shorter_side: int | Non
   target = max(image_size, resize_shorter_side or shorter)
   if target != shorter:
     scale = target / shorter
-    image = image.resize((max(target, round(image.width * scale)), max(target, round(image.height * scale))),
-                         Image.Resampling.BICUBIC)
+    image = image.resize(
+      (max(target, round(image.width * scale)), max(target, round(image.height * scale))),
+      Image.Resampling.BICUBIC,
+    )
   return image
 
 
-def random_crop(image: Image.Image, rng: np.random.Generator, size: int, *, flip: bool) -> np.ndarray:
-  """A random size x size crop, mirrored with probability 1/2 if `flip`, as uint8 (size, size, 3)."""
+def random_crop(
+  image: Image.Image, rng: np.random.Generator, size: int, *, flip: bool
+) -> np.ndarray:
+  """A random size x size crop, mirrored with probability 1/2
+  if `flip`, as uint8 (size, size, 3)."""
   left = int(rng.integers(0, image.width - size + 1))
   top = int(rng.integers(0, image.height - size + 1))
   mirror = rng.random() < 0.5
@@ -221,28 +267,34 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
   return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
-def read_image(source: ImageSource, index: int, *, image_size: int,
-               resize_shorter_side: int | None = None) -> tuple[Image.Image, int]:
-  """Decodes record `index`, or the next readable one; returns (image, number of records skipped)."""
+def read_image(
+  source: ImageSource, index: int, *, image_size: int, resize_shorter_side: int | None = None
+) -> tuple[Image.Image, int]:
+  """Decodes record `index`, or the next readable one; returns
+  (image, number of records skipped)."""
   for skipped in range(_MAX_CONSECUTIVE_SKIPS):
     position = (index + skipped) % len(source)
     try:
-      return decode_image(source[position], image_size=image_size,
-                          resize_shorter_side=resize_shorter_side), skipped
+      return decode_image(
+        source[position], image_size=image_size, resize_shorter_side=resize_shorter_side
+      ), skipped
     except images.DECODE_ERRORS as e:
       logging.warning("Skipping unreadable image %s: %s", source.describe(position), e)
-  raise DataError(f"{_MAX_CONSECUTIVE_SKIPS} consecutive unreadable images from "
-                     f"{source.describe(index)} on; the data set looks corrupt.")
+  raise DataError(
+    f"{_MAX_CONSECUTIVE_SKIPS} consecutive unreadable images from "
+    f"{source.describe(index)} on; the data set looks corrupt."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _ExampleLoader:
   """(global position, record index) -> one uint8 training example; picklable for grain's workers.
 
-  Batches stay uint8 until `TrainIterator.__next__` converts them (`_batch_to_model`) in the main process:
-  four times less memory traffic, above all through the shared memory between grain's workers and the
-  main process (measured: +18% images/s with 2 workers at 256x256).
+  Batches stay uint8 until `TrainIterator.__next__` converts them (`_batch_to_model`) in the main
+  process: four times less memory traffic, above all through the shared memory between grain's
+  workers and the main process (measured: +18% images/s with 2 workers at 256x256).
   """
+
   source: ImageSource
   mask_sampler: masks_lib.MaskSampler
   seed: int
@@ -252,12 +304,17 @@ class _ExampleLoader:
 
   def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
     position, record = element
-    image_rng, mask_rng = (np.random.default_rng([self.seed, position, stream]) for stream in (0, 1))
-    image, skipped = read_image(self.source, record, image_size=self.image_size,
-                                resize_shorter_side=self.resize_shorter_side)
-    return {"image": random_crop(image, image_rng, self.image_size, flip=self.random_flip),
-            "mask": self.mask_sampler(mask_rng, self.image_size),
-            "num_skipped": np.int32(skipped)}
+    image_rng, mask_rng = (
+      np.random.default_rng([self.seed, position, stream]) for stream in (0, 1)
+    )
+    image, skipped = read_image(
+      self.source, record, image_size=self.image_size, resize_shorter_side=self.resize_shorter_side
+    )
+    return {
+      "image": random_crop(image, image_rng, self.image_size, flip=self.random_flip),
+      "mask": self.mask_sampler(mask_rng, self.image_size),
+      "num_skipped": np.int32(skipped),
+    }
 
 
 def _with_position(position: int, record: int) -> tuple[int, int]:
@@ -265,21 +322,32 @@ def _with_position(position: int, record: int) -> tuple[int, int]:
 
 
 def _batch_to_model(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"image": images.to_model_range(batch["image"]), "mask": batch["mask"].astype(np.float32),
-          "num_skipped": batch["num_skipped"]}
+  return {
+    "image": images.to_model_range(batch["image"]),
+    "mask": batch["mask"].astype(np.float32),
+    "num_skipped": batch["num_skipped"],
+  }
 
 
 class TrainIterator:
   """Infinite iterator over this process's training batches, with a checkpointable state.
 
   The state (`get_state()`: JSON bytes, like grain's `DataLoaderIterator`) is the next step plus the
-  skipped-image count. Save and restore it with orbax through grain's handler, as a CheckpointManager item:
-  `grain.checkpoint.CheckpointSave(iterator)` / `grain.checkpoint.CheckpointRestore(iterator)`.
-  Worker processes start on the first `next()`; call `close()` to stop them.
+  skipped-image count. Save and restore it with orbax through grain's handler, as a
+  CheckpointManager item: `grain.checkpoint.CheckpointSave(iterator)` /
+  `grain.checkpoint.CheckpointRestore(iterator)`. Worker processes start on the first `next()`; call
+  `close()` to stop them.
   """
 
-  def __init__(self, batches: grain.MapDataset, *, worker_count: int, buffer_size: int, read_threads: int,
-               fingerprint: dict[str, int]):
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    *,
+    worker_count: int,
+    buffer_size: int,
+    read_threads: int,
+    fingerprint: dict[str, int],
+  ):
     self._batches = batches
     self._worker_count = worker_count
     self._buffer_size = buffer_size
@@ -296,20 +364,25 @@ class TrainIterator:
 
   @property
   def num_skipped(self) -> int:
-    """Unreadable records met so far in the batches returned (a record counts each time it is drawn)."""
+    """Unreadable records met so far in the batches returned (a
+    record counts each time it is drawn)."""
     return self._num_skipped
 
   def _ensure_started(self) -> grain.DatasetIterator:
     if self._iterator is None:
-      dataset = self._batches[self._step:].to_iter_dataset(
-          grain.ReadOptions(num_threads=self._read_threads, prefetch_buffer_size=self._buffer_size))
+      dataset = self._batches[self._step :].to_iter_dataset(
+        grain.ReadOptions(num_threads=self._read_threads, prefetch_buffer_size=self._buffer_size)
+      )
       if self._worker_count:
         if not flags.FLAGS.is_parsed():
           # grain 0.2.18 reads an absl flag when it starts workers, which fails outside absl.app
           # (google/grain#1355, fixed after 0.2.18); unparsed flags only ever have their defaults.
           flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=self._worker_count, per_worker_buffer_size=self._buffer_size))
+        dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(
+            num_workers=self._worker_count, per_worker_buffer_size=self._buffer_size
+          )
+        )
       self._iterator = iter(dataset)
     return self._iterator
 
@@ -321,14 +394,24 @@ class TrainIterator:
     skipped = int(batch.pop("num_skipped").sum())
     if skipped:
       self._num_skipped += skipped
-      logging.warning("Batch %d: %d unreadable image(s) replaced by the next readable ones (%d so far).",
-                      self._step, skipped, self._num_skipped)
+      logging.warning(
+        "Batch %d: %d unreadable image(s) replaced by the next readable ones (%d so far).",
+        self._step,
+        skipped,
+        self._num_skipped,
+      )
     self._step += 1
     return batch
 
   def get_state(self) -> bytes:
-    return json.dumps({"version": _STATE_VERSION, "step": self._step, "num_skipped": self._num_skipped,
-                       **self._fingerprint}).encode()
+    return json.dumps(
+      {
+        "version": _STATE_VERSION,
+        "step": self._step,
+        "num_skipped": self._num_skipped,
+        **self._fingerprint,
+      }
+    ).encode()
 
   def set_state(self, state: bytes) -> None:
     """Continues from a `get_state()` result; batches then equal those of an uninterrupted run."""
@@ -337,13 +420,17 @@ class TrainIterator:
       raise ValueError(f"Unsupported input pipeline state {values!r}.")
     changed = {k: (values.get(k), v) for k, v in self._fingerprint.items() if values.get(k) != v}
     if changed:
-      logging.warning("Input pipeline restored with changed settings (saved, now): %s; batches will "
-                      "differ from the run that saved the state.", changed)
+      logging.warning(
+        "Input pipeline restored with changed settings (saved, now): %s; batches will "
+        "differ from the run that saved the state.",
+        changed,
+      )
     self.close()
     self._step, self._num_skipped = int(values["step"]), int(values["num_skipped"])
 
   def seek(self, step: int) -> None:
-    """Makes the next batch the one of `step`, e.g. when a saved state cannot be read on this topology.
+    """Makes the next batch the one of `step`, e.g. when a saved state cannot be read on this
+    topology.
 
     `num_skipped` keeps its value: the skips in the batches passed over are not known.
     """
@@ -353,8 +440,8 @@ class TrainIterator:
     self._step = step
 
   def start_prefetch(self) -> None:
-    """Starts preparing batches from the current step (grain's checkpoint handler calls it after
-    `set_state`)."""
+    """Starts preparing batches from the current step (grain's checkpoint
+    handler calls it after `set_state`)."""
     self._ensure_started().start_prefetch()
 
   def close(self) -> None:
@@ -374,13 +461,22 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   if config.image_size <= 0:
     raise ConfigError(f"config.data.image_size must be positive, got {config.image_size}.")
   if config.resize_shorter_side is not None and config.resize_shorter_side < config.image_size:
-    raise ConfigError(f"config.data.resize_shorter_side ({config.resize_shorter_side}) must be at least "
-                     f"image_size ({config.image_size}).")
+    raise ConfigError(
+      f"config.data.resize_shorter_side ({config.resize_shorter_side}) must be at least "
+      f"image_size ({config.image_size})."
+    )
 
 
-def create_train_iter(config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
-                      process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
-  """This process's infinite iterator of training batches of global_batch_size / process_count images.
+def create_train_iter(
+  config: ml_collections.ConfigDict,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> TrainIterator:
+  """This process's infinite iterator of training batches of global_batch_size / process_count
+  images.
 
   Args:
     config: `config.data`.
@@ -392,8 +488,10 @@ def create_train_iter(config: ml_collections.ConfigDict, *, global_batch_size: i
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ConfigError(f"The global batch size ({global_batch_size}) must be a positive multiple of the "
-                     f"process count ({process_count}).")
+    raise ConfigError(
+      f"The global batch size ({global_batch_size}) must be a positive multiple of the "
+      f"process count ({process_count})."
+    )
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
   if seed < 0:
@@ -401,39 +499,59 @@ def create_train_iter(config: ml_collections.ConfigDict, *, global_batch_size: i
   _validate(config)
   source = create_image_source(config, train=True)
   if len(source) == 0:
-    raise DataError(f"No training images (config.data.source={config.source!r}, train_split="
-                    f"{config.train_split!r}, folder={config.folder!r}).")
-  loader = _ExampleLoader(source, masks_lib.create_mask_sampler(config.masks), seed, config.image_size,
-                          config.resize_shorter_side, config.random_flip)
+    raise DataError(
+      f"No training images (config.data.source={config.source!r}, train_split="
+      f"{config.train_split!r}, folder={config.folder!r})."
+    )
+  loader = _ExampleLoader(
+    source,
+    masks_lib.create_mask_sampler(config.masks),
+    seed,
+    config.image_size,
+    config.resize_shorter_side,
+    config.random_flip,
+  )
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
-  batches = (grain.MapDataset.range(len(source))
-             .shuffle(seed=shuffle_seed)  # Reshuffled per epoch: grain folds the epoch into the seed.
-             .repeat()
-             .map_with_index(_with_position)
-             .map(loader)
-             .batch(global_batch_size // process_count, drop_remainder=True)
-             [process_index::process_count])
-  return TrainIterator(batches, worker_count=config.worker_count, buffer_size=config.worker_buffer_size,
-                       read_threads=config.read_threads,
-                       fingerprint={"seed": seed, "global_batch_size": global_batch_size,
-                                    "num_records": len(source)})
+  batches = (
+    grain.MapDataset.range(len(source))
+    .shuffle(seed=shuffle_seed)  # Reshuffled per epoch: grain folds the epoch into the seed.
+    .repeat()
+    .map_with_index(_with_position)
+    .map(loader)
+    .batch(global_batch_size // process_count, drop_remainder=True)[process_index::process_count]
+  )
+  return TrainIterator(
+    batches,
+    worker_count=config.worker_count,
+    buffer_size=config.worker_buffer_size,
+    read_threads=config.read_threads,
+    fingerprint={"seed": seed, "global_batch_size": global_batch_size, "num_records": len(source)},
+  )
 
 
-def load_eval_images(config: ml_collections.ConfigDict, num_images: int | None = None) -> np.ndarray:
+def load_eval_images(
+  config: ml_collections.ConfigDict, num_images: int | None = None
+) -> np.ndarray:
   """A fixed array of evaluation images, float32 (n, H, W, 3) in [-1, 1].
 
-  Takes `num_images` records evenly spaced over the eval split / eval folder / held-out demo photos (all
-  of them for None), resized as in training and centre-cropped to image_size, unflipped. An unreadable
-  record is replaced by the next readable one.
+  Takes `num_images` records evenly spaced over the eval split / eval folder / held-out demo photos
+  (all of them for None), resized as in training and centre-cropped to image_size, unflipped. An
+  unreadable record is replaced by the next readable one.
   """
   _validate(config)
   source = create_image_source(config, train=False)
   count = len(source) if num_images is None else num_images
   if not 0 < count <= len(source):
-    raise ConfigError(f"Asked for {count} evaluation images; the evaluation source has {len(source)}.")
+    raise ConfigError(
+      f"Asked for {count} evaluation images; the evaluation source has {len(source)}."
+    )
   crops = []
   for index in (np.arange(count) * len(source)) // count:
-    image, _ = read_image(source, int(index), image_size=config.image_size,
-                          resize_shorter_side=config.resize_shorter_side)
+    image, _ = read_image(
+      source,
+      int(index),
+      image_size=config.image_size,
+      resize_shorter_side=config.resize_shorter_side,
+    )
     crops.append(images.to_model_range(center_crop(image, config.image_size)))
   return np.stack(crops)

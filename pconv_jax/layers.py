@@ -1,29 +1,30 @@
 """Partial convolution (Liu et al., ECCV 2018) as a Flax linen module and pure functions.
 
-Semantics follow NVIDIA's reference `PartialConv2d`: for input X, mask M (1 = valid, 0 = hole), kernel
-W, bias b, with count = conv(M, ones) the valid inputs under each window,
+Semantics follow NVIDIA's reference `PartialConv2d`: for input X, mask M (1 = valid, 0 = hole),
+kernel W, bias b, with count = conv(M, ones) the valid inputs under each window,
 
     ratio    = window_size / (count + eps) * clip(count, 0, 1)
-    output   = (conv(X * M, W) * ratio + b) * clip(count, 0, 1)     (no bias: conv(X * M, W) * ratio)
+    output   = (conv(X * M, W) * ratio + b) * clip(count, 0, 1)    (no bias: conv(X * M, W) * ratio)
     new_mask = clip(count, 0, 1)
 
-The reference's multi-channel mask update convolves M with a (Cout, Cin, k, k) all-ones kernel, whose
-output channels are all the same number: here the mask is summed over channels once and window-summed,
-identical counts at a (Cout * Cin)-th of the cost; the new mask has one channel (it broadcasts).
+The reference's multi-channel mask update convolves M with a (Cout, Cin, k, k) all-ones kernel,
+whose output channels are all the same number: here the mask is summed over channels once and
+window-summed, identical counts at a (Cout * Cin)-th of the cost; the new mask has one channel (it
+broadcasts).
 
 The mask path runs in float32 (float64 for float64 inputs) whatever the activation dtype, carries no
-gradient and divides only where the count is positive, so bfloat16 never sees NaN or Inf at holes. The
-data convolution is computed by the `kernels` implementation given (`pconv_jax.kernels`).
+gradient and divides only where the count is positive, so bfloat16 never sees NaN or Inf at holes.
+The data convolution is computed by the `kernels` implementation given (`pconv_jax.kernels`).
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+import jax
 from jax import lax
+import jax.numpy as jnp
 
 from pconv_jax.kernels import XLA, Kernels
 from pconv_jax.kernels.xla import upsample2x
@@ -42,7 +43,8 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 def normalize_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
-  """'SAME'/'VALID' or ((top, bottom), (left, right)) from an int, a per-dimension pair, or pairs."""
+  """'SAME'/'VALID' or ((top, bottom), (left, right)) from an int,
+  a per-dimension pair, or pairs."""
   if isinstance(padding, str) and padding.upper() in ("SAME", "VALID"):
     return padding.upper()
   if isinstance(padding, int):
@@ -53,8 +55,8 @@ def normalize_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[in
   if len(pairs) == 2 and all(isinstance(p, Sequence) and len(p) == 2 for p in pairs):
     return tuple((int(lo), int(hi)) for lo, hi in pairs)
   raise ValueError(
-      "padding must be 'SAME', 'VALID', an int, (pad_h, pad_w) or ((top, bottom), (left, right)); "
-      f"got {padding!r}"
+    "padding must be 'SAME', 'VALID', an int, (pad_h, pad_w) or ((top, bottom), (left, right)); "
+    f"got {padding!r}"
   )
 
 
@@ -66,17 +68,18 @@ def channel_sum(mask: Array, channels: int, multi_channel: bool, dtype: Any) -> 
 
 
 def window_sum(
-    channel_sum: Array,
-    kernel_size: tuple[int, int],
-    strides: tuple[int, int],
-    padding: Padding,
-    dilation: tuple[int, int],
+  channel_sum: Array,
+  kernel_size: tuple[int, int],
+  strides: tuple[int, int],
+  padding: Padding,
+  dilation: tuple[int, int],
 ) -> Array:
-  """Sum of `channel_sum` (B, H, W, 1) over each output's kernel window (zero padding), (B, H', W', 1):
-  the valid inputs under each window, any channel of the reference's `conv(mask, ones)`.
+  """Sum of `channel_sum` (B, H, W, 1) over each output's kernel window (zero padding), (B, H', W',
+  1): the valid inputs under each window, any channel of the reference's `conv(mask, ones)`.
 
-  A box filter, separable: sums of shifted strided slices along H, then along W. Exact for the integer
-  counts it sees (float32 up to 2^24), and 10-30x faster on CPU than a convolution with a ones kernel.
+  A box filter, separable: sums of shifted strided slices along H, then along W. Exact for the
+  integer counts it sees (float32 up to 2^24), and 10-30x faster on CPU than a convolution with a
+  ones kernel.
   """
   if isinstance(padding := normalize_padding(padding), str):
     window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
@@ -85,8 +88,8 @@ def window_sum(
   for axis, taps, stride, step in zip((1, 2), kernel_size, strides, dilation):
     out = (summed.shape[axis] - (taps - 1) * step - 1) // stride + 1
     summed = sum(
-        lax.slice_in_dim(summed, i * step, i * step + stride * (out - 1) + 1, stride, axis)
-        for i in range(taps)
+      lax.slice_in_dim(summed, i * step, i * step + stride * (out - 1) + 1, stride, axis)
+      for i in range(taps)
     )
   return summed
 
@@ -100,7 +103,7 @@ def mask_update(count: Array, window_size: int, eps: float = 1e-8) -> tuple[Arra
 
 
 def _convolve(
-    blocks: Sequence[Array], kernel: Array, upsample_first: bool, kernels: Kernels, **conv: Any
+  blocks: Sequence[Array], kernel: Array, upsample_first: bool, kernels: Kernels, **conv: Any
 ) -> Array:
   """conv(concatenate(blocks), kernel, **conv), the first block upsampled x2 if `upsample_first`."""
   if upsample_first:
@@ -111,32 +114,34 @@ def _convolve(
 
 
 def partial_conv(
-    x: Array | Sequence[Array],
-    mask: Array | None | Sequence[Array | None],
-    kernel: Array,
-    bias: Array | None,
-    *,
-    strides: tuple[int, int] = (1, 1),
-    padding: Padding = 0,
-    dilation: tuple[int, int] = (1, 1),
-    multi_channel: bool = False,
-    eps: float = 1e-8,
-    precision: Any = None,
-    upsample_first: bool = False,
-    kernels: Kernels = XLA,
+  x: Array | Sequence[Array],
+  mask: Array | None | Sequence[Array | None],
+  kernel: Array,
+  bias: Array | None,
+  *,
+  strides: tuple[int, int] = (1, 1),
+  padding: Padding = 0,
+  dilation: tuple[int, int] = (1, 1),
+  multi_channel: bool = False,
+  eps: float = 1e-8,
+  precision: Any = None,
+  upsample_first: bool = False,
+  kernels: Kernels = XLA,
 ) -> tuple[Array, Array]:
-  """Partial convolution of NHWC `x` with HWIO `kernel`; returns (output, new_mask with one channel).
+  """Partial convolution of NHWC `x` with HWIO `kernel`; returns (output, new_mask with one
+  channel).
 
-  `mask=None` means every input pixel is valid (the window counts still see the zero padding as holes,
-  as in the reference). The output has x's dtype; the mask path runs in float32, or float64 for float64
-  inputs.
+  `mask=None` means every input pixel is valid (the window counts still see the zero padding as
+  holes, as in the reference). The output has x's dtype; the mask path runs in float32, or float64
+  for float64 inputs.
 
   With `multi_channel`, `x` may be a list of channel blocks and `mask` the list of their masks (each
-  one-channel, per-channel or None): the same result as concatenating the blocks and their per-channel
-  masks, without building that wide mask (a U-Net decoder's upsampled features and skip connection).
-  With `upsample_first`, the first block and its mask are given at half the others' height and width and
-  are upsampled x2 (nearest, `upsample2x`) before the concatenation: a decoder's "upsample, concatenate,
-  convolve" in one call, so that `kernels` may convolve that block at its own resolution.
+  one-channel, per-channel or None): the same result as concatenating the blocks and their
+  per-channel masks, without building that wide mask (a U-Net decoder's upsampled features and skip
+  connection). With `upsample_first`, the first block and its mask are given at half the others'
+  height and width and are upsampled x2 (nearest, `upsample2x`) before the concatenation: a
+  decoder's "upsample, concatenate, convolve" in one call, so that `kernels` may convolve that block
+  at its own resolution.
   """
   kh, kw, in_features, _ = kernel.shape
   is_blocks = isinstance(x, (list, tuple))
@@ -148,8 +153,8 @@ def partial_conv(
     raise ValueError("channel blocks (a list of inputs and masks) need multi_channel=True")
   if len(masks) != len(blocks) or sum(b.shape[-1] for b in blocks) != in_features:
     raise ValueError(
-        f"the kernel takes {in_features} input channels; got inputs of shapes "
-        f"{[b.shape for b in blocks]} with {len(masks)} mask(s)"
+      f"the kernel takes {in_features} input channels; got inputs of shapes "
+      f"{[b.shape for b in blocks]} with {len(masks)} mask(s)"
     )
   _check_blocks(blocks, upsample_first)
   for block, block_mask in zip(blocks, masks):
@@ -160,8 +165,8 @@ def partial_conv(
   mask_dtype = jnp.promote_types(blocks[0].dtype, jnp.float32)
   full = lambda b: jnp.ones((1, *b.shape[1:3], 1), mask_dtype)  # noqa: E731
   channel_sums = [
-      channel_sum(full(b) if m is None else m, b.shape[-1], multi_channel, mask_dtype)
-      for b, m in zip(blocks, masks)
+    channel_sum(full(b) if m is None else m, b.shape[-1], multi_channel, mask_dtype)
+    for b, m in zip(blocks, masks)
   ]
   if upsample_first:
     channel_sums[0] = upsample2x(channel_sums[0])
@@ -169,7 +174,7 @@ def partial_conv(
   ratio, new_mask = mask_update(count, window_size, eps)
 
   masked = [
-      b if m is None else b * lax.stop_gradient(m).astype(b.dtype) for b, m in zip(blocks, masks)
+    b if m is None else b * lax.stop_gradient(m).astype(b.dtype) for b, m in zip(blocks, masks)
   ]
   conv = dict(strides=strides, padding=padding, dilation=dilation, precision=precision)
   raw = _convolve(masked, kernel, upsample_first, kernels, **conv)
@@ -182,16 +187,16 @@ def partial_conv(
 
 def _check_blocks(blocks: Sequence[Array], upsample_first: bool) -> None:
   if upsample_first and len(blocks) < 2:
-    raise ValueError("upsample_first needs at least two channel blocks: one to upsample, then others")
+    raise ValueError("upsample_first needs at least two channel blocks: one to upsample, then more")
   sizes = {
-      tuple(2 * n for n in b.shape[1:3]) if upsample_first and i == 0 else tuple(b.shape[1:3])
-      for i, b in enumerate(blocks)
+    tuple(2 * n for n in b.shape[1:3]) if upsample_first and i == 0 else tuple(b.shape[1:3])
+    for i, b in enumerate(blocks)
   }
   if len(sizes) > 1:
     half = " (the first at half of them, with upsample_first)" if upsample_first else ""
     raise ValueError(
-        f"channel blocks must have the same height and width{half}; got shapes "
-        f"{[b.shape for b in blocks]}"
+      f"channel blocks must have the same height and width{half}; got shapes "
+      f"{[b.shape for b in blocks]}"
     )
 
 
@@ -200,13 +205,17 @@ def _check_mask(x: Array, mask: Array | None, in_features: int, multi_channel: b
     raise ValueError(f"PartialConv expects NHWC input with {in_features} channels, got {x.shape}")
   channels = (1, in_features) if multi_channel else (1,)
   if mask is not None and (
-      mask.ndim != 4 or mask.shape[1:3] != x.shape[1:3] or mask.shape[0] not in (1, x.shape[0])
-      or mask.shape[-1] not in channels
+    mask.ndim != 4
+    or mask.shape[1:3] != x.shape[1:3]
+    or mask.shape[0] not in (1, x.shape[0])
+    or mask.shape[-1] not in channels
   ):
-    kind = f"1 or {in_features}" if multi_channel else "1 (multi_channel=True for per-channel masks)"
+    kind = (
+      f"1 or {in_features}" if multi_channel else "1 (multi_channel=True for per-channel masks)"
+    )
     raise ValueError(
-        f"mask shape {mask.shape} does not fit input shape {x.shape}: the mask must be NHWC with the "
-        f"input's height and width, batch 1 or {x.shape[0]}, and {kind} channels"
+      f"mask shape {mask.shape} does not fit input shape {x.shape}: the mask must be NHWC with the "
+      f"input's height and width, batch 1 or {x.shape[0]}, and {kind} channels"
     )
 
 
@@ -230,9 +239,12 @@ class _ConvModule(nn.Module):
   def _blocks_kernel_bias(self, x: Array | Sequence[Array]) -> tuple[list[Array], Array, Any]:
     """The input blocks, kernel and bias (None without), promoted to `dtype`."""
     blocks = list(x) if isinstance(x, (list, tuple)) else [x]
-    shape = _pair(self.kernel_size, "kernel_size") + (sum(b.shape[-1] for b in blocks), self.features)
+    in_features = sum(b.shape[-1] for b in blocks)
+    shape = _pair(self.kernel_size, "kernel_size") + (in_features, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     *blocks, kernel, bias = promote_dtype(*blocks, kernel, bias, dtype=self.dtype)
     return blocks, kernel, bias
 
@@ -246,16 +258,16 @@ class PartialConv(_ConvModule):
   """Partial convolution layer, NHWC: `y, new_mask = layer(x, mask=None)`, or with lists of channel
   blocks and their masks (multi-channel layers; see `partial_conv`).
 
-  Attributes (besides nn.Conv's features, kernel_size, strides, dilation, use_bias, dtype, param_dtype,
-  precision, kernel_init and bias_init):
+  Attributes (besides nn.Conv's features, kernel_size, strides, dilation, use_bias, dtype,
+  param_dtype, precision, kernel_init and bias_init):
     padding: 'SAME', 'VALID', an int, (pad_h, pad_w) or ((top, bottom), (left, right)).
     multi_channel: the mask has one value per input channel (the reference's `multi_channel=True`);
       otherwise one mask channel shared by all input channels.
     eps: the reference's 1e-8 in `window_size / (count + eps)`.
     upsample_first: the first channel block and its mask come at half resolution, to be upsampled x2
       (nearest) before the convolution (a U-Net decoder; see `partial_conv`).
-    kernels: the data convolution's implementation (`pconv_jax.kernels`); the mask path is the same in
-      all of them, in float32 or wider whatever `dtype`.
+    kernels: the data convolution's implementation (`pconv_jax.kernels`); the mask path is the same
+      in all of them, in float32 or wider whatever `dtype`.
   """
 
   multi_channel: bool = False
@@ -263,18 +275,19 @@ class PartialConv(_ConvModule):
 
   @nn.compact
   def __call__(
-      self, x: Array | Sequence[Array], mask: Array | None | Sequence[Array | None] = None
+    self, x: Array | Sequence[Array], mask: Array | None | Sequence[Array | None] = None
   ) -> tuple[Array, Array]:
     blocks, kernel, bias = self._blocks_kernel_bias(x)
     x = blocks if isinstance(x, (list, tuple)) else blocks[0]
     options = dict(multi_channel=self.multi_channel, eps=self.eps, kernels=self.kernels)
-    return partial_conv(x, mask, kernel, bias, upsample_first=self.upsample_first, **options,
-                        **self._conv_args())
+    return partial_conv(
+      x, mask, kernel, bias, upsample_first=self.upsample_first, **options, **self._conv_args()
+    )
 
 
 class Conv(_ConvModule):
-  """A plain convolution called like PartialConv (channel blocks, `upsample_first`): the paper's "Conv"
-  baseline. Masks are ignored; returns `(output, None)`."""
+  """A plain convolution called like PartialConv (channel blocks, `upsample_first`): the paper's
+  "Conv" baseline. Masks are ignored; returns `(output, None)`."""
 
   @nn.compact
   def __call__(self, x: Array | Sequence[Array], mask: Any = None) -> tuple[Array, None]:

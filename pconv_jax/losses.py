@@ -1,28 +1,32 @@
-"""The loss of Liu et al. (ECCV 2018), eqs. 1-7: pure, jit-able functions, one per term, and their weighted sum.
+"""The loss of Liu et al. (ECCV 2018), eqs. 1-7: pure, jit-able functions, one per term, and their
+weighted sum.
 
-With output I_out, ground truth I_gt, mask M (1 = valid, 0 = hole), composite I_comp = M I_gt + (1 - M) I_out,
-and Psi_p the VGG-16 features pool1, pool2, pool3:
+With output I_out, ground truth I_gt, mask M (1 = valid, 0 = hole), composite
+I_comp = M I_gt + (1 - M) I_out, and Psi_p the VGG-16 features pool1, pool2, pool3:
 
   valid       = mean |M (I_out - I_gt)|                  (mean over all B*H*W*C elements)
   hole        = mean |(1 - M)(I_out - I_gt)|
   perceptual  = sum_p mean |Psi_p(I_out) - Psi_p(I_gt)| + sum_p mean |Psi_p(I_comp) - Psi_p(I_gt)|
-  style_out   = sum_p mean |G_p(I_out) - G_p(I_gt)|,    G_p = Psi_p^T Psi_p / (C_p H_p W_p), per image (C_p x C_p)
+  style_out   = sum_p mean |G_p(I_out) - G_p(I_gt)|,
+                G_p = Psi_p^T Psi_p / (C_p H_p W_p), per image (C_p x C_p)
   style_comp  = sum_p mean |G_p(I_comp) - G_p(I_gt)|
-  tv          = sum over neighbouring pixel pairs both inside P of |I_comp difference|, divided by B*H*W*C,
+  tv          = sum over neighbouring pixel pairs both inside P of |I_comp difference|, / B*H*W*C,
                 P = the hole region dilated by one pixel (3x3 square)
-  total       = sum_t weights[t] * t        (paper: valid 1, hole 6, perceptual 0.05, style 120 + 120, tv 0.1)
+  total       = sum_t weights[t] * t
+                (paper: valid 1, hole 6, perceptual 0.05, style 120 + 120, tv 0.1)
 
-Pixel terms are float32 (float64 for float64 outputs). VGG activations use the output's dtype (bfloat16
-output -> bfloat16 VGG) with float32 accumulation in convolutions, Gram matrices and means. With `vgg_variables=None` the perceptual and style terms
-are reported as 0.0 and add nothing to the total; the terms dict always has the same keys.
+Pixel terms are float32 (float64 for float64 outputs). VGG activations use the output's dtype
+(bfloat16 output -> bfloat16 VGG) with float32 accumulation in convolutions, Gram matrices and
+means. With `vgg_variables=None` the perceptual and style terms are reported as 0.0 and add nothing
+to the total; the terms dict always has the same keys.
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from pconv_jax import images, vgg
 from pconv_jax.kernels import XLA, Kernels
@@ -62,7 +66,7 @@ def gram(features: Array, kernels: Kernels = XLA) -> Array:
 
 
 def style_loss(
-    features: Sequence[Array], target_grams: Sequence[Array], kernels: Kernels = XLA
+  features: Sequence[Array], target_grams: Sequence[Array], kernels: Kernels = XLA
 ) -> Array:
   """sum over layers of mean |gram(features) - target Gram|."""
   pairs = zip(features, target_grams, strict=True)
@@ -75,20 +79,25 @@ def dilated_holes(mask: Array) -> Array:
 
 
 def tv_loss(composite_image: Array, mask: Array) -> Array:
-  """Total variation of the composite over pixel pairs both inside the dilated hole region, / number of elements."""
+  """Total variation of the composite over pixel pairs both inside the
+  dilated hole region, / number of elements."""
   region = dilated_holes(mask)
-  dx = jnp.abs(composite_image[:, :, 1:] - composite_image[:, :, :-1]) * region[:, :, 1:] * region[:, :, :-1]
+  dx = (
+    jnp.abs(composite_image[:, :, 1:] - composite_image[:, :, :-1])
+    * region[:, :, 1:]
+    * region[:, :, :-1]
+  )
   dy = jnp.abs(composite_image[:, 1:] - composite_image[:, :-1]) * region[:, 1:] * region[:, :-1]
   return (jnp.sum(dx) + jnp.sum(dy)) / composite_image.size
 
 
 def feature_losses(
-    output: Array,
-    composite_image: Array,
-    target: Array,
-    vgg_variables: Any,
-    dtype: Any = jnp.float32,
-    kernels: Kernels = XLA,
+  output: Array,
+  composite_image: Array,
+  target: Array,
+  vgg_variables: Any,
+  dtype: Any = jnp.float32,
+  kernels: Kernels = XLA,
 ) -> dict[str, Array]:
   """perceptual, style_out and style_comp. The ground truth's features are computed once, without
   gradient; output and composite share one batched VGG pass."""
@@ -101,18 +110,26 @@ def feature_losses(
   output_features = [f[:batch] for f in both]
   composite_features = [f[batch:] for f in both]
   return {
-      "perceptual": perceptual_loss(output_features, target_features)
-                    + perceptual_loss(composite_features, target_features),
-      "style_out": style_loss(output_features, target_grams, kernels),
-      "style_comp": style_loss(composite_features, target_grams, kernels),
+    "perceptual": perceptual_loss(output_features, target_features)
+    + perceptual_loss(composite_features, target_features),
+    "style_out": style_loss(output_features, target_grams, kernels),
+    "style_comp": style_loss(composite_features, target_grams, kernels),
   }
 
 
 def _check_shapes(output: Array, target: Array, mask: Array) -> None:
   if output.ndim != 4 or output.shape != target.shape:
-    raise ValueError(f"output and target must be NHWC of the same shape, got {output.shape} and {target.shape}")
-  if mask.ndim != 4 or mask.shape[:3] != output.shape[:3] or mask.shape[-1] not in (1, output.shape[-1]):
-    raise ValueError(f"mask must be (B, H, W, 1) or (B, H, W, C) matching output {output.shape}, got {mask.shape}")
+    raise ValueError(
+      f"output and target must be NHWC of the same shape, got {output.shape} and {target.shape}"
+    )
+  if (
+    mask.ndim != 4
+    or mask.shape[:3] != output.shape[:3]
+    or mask.shape[-1] not in (1, output.shape[-1])
+  ):
+    raise ValueError(
+      f"mask must be (B, H, W, 1) or (B, H, W, C) matching output {output.shape}, got {mask.shape}"
+    )
 
 
 def _weight(weights: Any, name: str) -> Any:
@@ -123,23 +140,24 @@ def _weight(weights: Any, name: str) -> Any:
 
 
 def inpainting_loss(
-    output: Array,
-    target: Array,
-    mask: Array,
-    vgg_variables: Any | None,
-    weights: Any,
-    kernels: Kernels = XLA,
+  output: Array,
+  target: Array,
+  mask: Array,
+  vgg_variables: Any | None,
+  weights: Any,
+  kernels: Kernels = XLA,
 ) -> tuple[Array, dict[str, Array]]:
   """The paper's total loss and its unweighted terms.
 
   Args:
-    output: the network's output (B, H, W, 3) in [-1, 1], RGB; its dtype sets the VGG activation dtype.
+    output: the network's output (B, H, W, 3) in [-1, 1], RGB; its dtype sets the VGG activation
+      dtype.
     target: the ground truth, same shape.
     mask: (B, H, W, 1) or (B, H, W, 3), 1 = valid pixel, 0 = hole; no gradient flows into it.
-    vgg_variables: from `vgg.resolve_weights`, or None to switch the perceptual and style terms off (reported
-      as 0.0).
-    weights: a mapping (dict, ConfigDict such as `config.loss`) with the keys in TERMS; other keys are
-      ignored.
+    vgg_variables: from `vgg.resolve_weights`, or None to switch the perceptual and style terms off
+      (reported as 0.0).
+    weights: a mapping (dict, ConfigDict such as `config.loss`) with the keys in TERMS; other keys
+      are ignored.
     kernels: computes VGG-16 and the Gram matrices (`pconv_jax.kernels`).
 
   Returns:
@@ -151,10 +169,15 @@ def inpainting_loss(
   target = lax.stop_gradient(target.astype(output.dtype))
   mask = lax.stop_gradient(mask.astype(output.dtype))
   comp = images.composite(output, target, mask)
-  terms = {"valid": valid_loss(output, target, mask), "hole": hole_loss(output, target, mask),
-           "tv": tv_loss(comp, mask)}
+  terms = {
+    "valid": valid_loss(output, target, mask),
+    "hole": hole_loss(output, target, mask),
+    "tv": tv_loss(comp, mask),
+  }
   if vgg_variables is None:
-    terms.update(dict.fromkeys(("perceptual", "style_out", "style_comp"), jnp.zeros((), output.dtype)))
+    terms.update(
+      dict.fromkeys(("perceptual", "style_out", "style_comp"), jnp.zeros((), output.dtype))
+    )
   else:
     terms.update(feature_losses(output, comp, target, vgg_variables, vgg_dtype, kernels))
   terms = {name: terms[name] for name in TERMS}

@@ -1,11 +1,11 @@
-"""Irregular hole masks: a procedural generator, the paper's hole-ratio bins, fixed evaluation sets and
-NVIDIA's Irregular Mask Dataset (Liu et al., ECCV 2018, Sec. 4.1).
+"""Irregular hole masks: a procedural generator, the paper's hole-ratio bins, fixed evaluation sets
+and NVIDIA's Irregular Mask Dataset (Liu et al., ECCV 2018, Sec. 4.1).
 
-Every mask array here is uint8 in NHWC layout with one channel, 1 = valid pixel and 0 = hole (the paper's
-M): one mask is (H, W, 1), a set is (n, H, W, 1). PNG files follow NVIDIA's convention instead: white =
-hole, black = valid; `save_mask_set` writes and `load_mask_set` reads that convention, so the same loader
-reads NVIDIA's test masks and our saved evaluation sets. Masks are only ever resized with nearest neighbour,
-so they stay binary.
+Every mask array here is uint8 in NHWC layout with one channel, 1 = valid pixel and 0 = hole (the
+paper's M): one mask is (H, W, 1), a set is (n, H, W, 1). PNG files follow NVIDIA's convention
+instead: white = hole, black = valid; `save_mask_set` writes and `load_mask_set` reads that
+convention, so the same loader reads NVIDIA's test masks and our saved evaluation sets. Masks are
+only ever resized with nearest neighbour, so they stay binary.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ from pconv_jax.errors import ConfigError, DataError, MissingDataError
 
 # The paper's hole-to-image area ratio bins: (0.01, 0.1], (0.1, 0.2], ..., (0.5, 0.6].
 HOLE_RATIO_BINS: tuple[tuple[float, float], ...] = (
-    (0.01, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6))
+  (0.01, 0.1),
+  (0.1, 0.2),
+  (0.2, 0.3),
+  (0.3, 0.4),
+  (0.4, 0.5),
+  (0.5, 0.6),
+)
 
 NVIDIA_MASKS_URL = "https://nv-adlr.github.io/publication/partialconv-inpainting"
 
@@ -57,8 +63,9 @@ def hole_ratio_bin(mask: np.ndarray) -> int | None:
   return None
 
 
-def _draw_stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int,
-                 scale: float) -> None:
+def _draw_stroke(
+  draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, scale: float
+) -> None:
   """A brush stroke: a wandering polyline with round joints and caps."""
   line_width = max(2, round(rng.uniform(0.02, 0.08) * scale))
   x, y = rng.uniform(0, width), rng.uniform(0, height)
@@ -77,8 +84,9 @@ def _draw_stroke(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int
     draw.ellipse((px - radius, py - radius, px + radius, py + radius), fill=255)
 
 
-def _draw_ellipse(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int,
-                  scale: float) -> None:
+def _draw_ellipse(
+  draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, scale: float
+) -> None:
   """A rotated ellipse, drawn as a 20-gon."""
   cx, cy = rng.uniform(0, width), rng.uniform(0, height)
   a = rng.uniform(0.03, 0.15) * scale
@@ -90,8 +98,9 @@ def _draw_ellipse(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: in
   draw.polygon(list(zip(xs.tolist(), ys.tolist())), fill=255)
 
 
-def _draw_circle(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int,
-                 scale: float) -> None:
+def _draw_circle(
+  draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int, scale: float
+) -> None:
   cx, cy = rng.uniform(0, width), rng.uniform(0, height)
   radius = rng.uniform(0.02, 0.1) * scale
   draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
@@ -101,13 +110,19 @@ _SHAPES = (_draw_stroke, _draw_ellipse, _draw_circle)
 _SHAPE_PROBABILITIES = (0.6, 0.2, 0.2)
 
 
-def random_mask(rng: np.random.Generator, size: Size, min_hole_ratio: float = 0.01,
-                max_hole_ratio: float = 0.6, *, margin: int = 0) -> np.ndarray:
+def random_mask(
+  rng: np.random.Generator,
+  size: Size,
+  min_hole_ratio: float = 0.01,
+  max_hole_ratio: float = 0.6,
+  *,
+  margin: int = 0,
+) -> np.ndarray:
   """Draws strokes, ellipses and circles until the hole ratio reaches a target drawn from the range.
 
-  A shape that would push the ratio above `max_hole_ratio` is undone and later shapes are drawn smaller,
-  so the result never exceeds the maximum; it reaches a ratio >= the target (hence > `min_hole_ratio`)
-  unless `_MAX_SHAPES` shapes were not enough, which is rare.
+  A shape that would push the ratio above `max_hole_ratio` is undone and later shapes are drawn
+  smaller, so the result never exceeds the maximum; it reaches a ratio >= the target (hence >
+  `min_hole_ratio`) unless `_MAX_SHAPES` shapes were not enough, which is rare.
 
   Args:
     rng: the only source of randomness.
@@ -122,13 +137,16 @@ def random_mask(rng: np.random.Generator, size: Size, min_hole_ratio: float = 0.
   height, width = _pair(size)
   inner_h, inner_w = height - 2 * margin, width - 2 * margin
   if not 0 <= min_hole_ratio < max_hole_ratio <= 1:
-    raise ValueError(f"Need 0 <= min_hole_ratio < max_hole_ratio <= 1, got {min_hole_ratio}, "
-                     f"{max_hole_ratio}.")
+    raise ValueError(
+      f"Need 0 <= min_hole_ratio < max_hole_ratio <= 1, got {min_hole_ratio}, {max_hole_ratio}."
+    )
   total = height * width
   low, high = min_hole_ratio * total, min(max_hole_ratio * total, inner_h * inner_w)
   if inner_h <= 0 or inner_w <= 0 or low >= high:
-    raise ValueError(f"A margin of {margin} px leaves no room for a hole ratio above "
-                     f"{min_hole_ratio} in a {height}x{width} mask.")
+    raise ValueError(
+      f"A margin of {margin} px leaves no room for a hole ratio above "
+      f"{min_hole_ratio} in a {height}x{width} mask."
+    )
   target = rng.uniform(low, high)
   canvas = Image.new("L", (inner_w, inner_h), 0)
   holes, shrink = 0, 1.0
@@ -146,13 +164,14 @@ def random_mask(rng: np.random.Generator, size: Size, min_hole_ratio: float = 0.
     else:
       holes = drawn
   valid = np.ones((height, width, 1), np.uint8)
-  valid[margin:margin + inner_h, margin:margin + inner_w, 0] = np.asarray(canvas) == 0
+  valid[margin : margin + inner_h, margin : margin + inner_w, 0] = np.asarray(canvas) == 0
   return valid
 
 
 @dataclasses.dataclass(frozen=True)
 class ProceduralMasks:
   """Training mask sampler: `random_mask` with the hole ratio drawn uniformly from the range."""
+
   min_hole_ratio: float = 0.01
   max_hole_ratio: float = 0.6
 
@@ -160,11 +179,13 @@ class ProceduralMasks:
     return random_mask(rng, size, self.min_hole_ratio, self.max_hole_ratio)
 
 
-def eval_mask_set(size: Size, per_bin: int, *, seed: int = 0, margin: int = 0) -> dict[int, np.ndarray]:
+def eval_mask_set(
+  size: Size, per_bin: int, *, seed: int = 0, margin: int = 0
+) -> dict[int, np.ndarray]:
   """A fixed evaluation set: `per_bin` procedural masks in each of HOLE_RATIO_BINS.
 
-  Mask j of bin k depends only on (seed, k, j, margin), so the set is identical on every run and a larger
-  `per_bin` extends a smaller one.
+  Mask j of bin k depends only on (seed, k, j, margin), so the set is identical on every run and a
+  larger `per_bin` extends a smaller one.
 
   Args:
     size: side or (height, width) of the masks.
@@ -185,8 +206,10 @@ def eval_mask_set(size: Size, per_bin: int, *, seed: int = 0, margin: int = 0) -
         if hole_ratio_bin(mask) == index:
           break
       else:
-        raise RuntimeError(f"No mask of bin {low}-{high} with margin {margin} after "
-                           f"{_MAX_EVAL_ATTEMPTS} attempts; use a smaller margin.")
+        raise RuntimeError(
+          f"No mask of bin {low}-{high} with margin {margin} after "
+          f"{_MAX_EVAL_ATTEMPTS} attempts; use a smaller margin."
+        )
       masks.append(mask)
     masks_by_bin[index] = np.stack(masks) if masks else np.zeros((0, *_pair(size), 1), np.uint8)
   return masks_by_bin
@@ -204,10 +227,14 @@ def save_mask_set(masks_by_bin: dict[int, np.ndarray], directory: str | pathlib.
     bin_dir = root / _bin_dirname(index)
     bin_dir.mkdir(parents=True, exist_ok=True)
     for j, mask in enumerate(masks):
-      Image.fromarray(np.where(mask[..., 0] == 0, 255, 0).astype(np.uint8)).save(bin_dir / f"{j:05d}.png")
+      Image.fromarray(np.where(mask[..., 0] == 0, 255, 0).astype(np.uint8)).save(
+        bin_dir / f"{j:05d}.png"
+      )
 
 
-def list_mask_files(directory: str | pathlib.Path, *, check_readable: bool = True) -> tuple[str, ...]:
+def list_mask_files(
+  directory: str | pathlib.Path, *, check_readable: bool = True
+) -> tuple[str, ...]:
   """Sorted paths of the PNG files under `directory` (recursively).
 
   Raises FileNotFoundError for a missing directory and ValueError when it holds no PNG file or (with
@@ -216,20 +243,27 @@ def list_mask_files(directory: str | pathlib.Path, *, check_readable: bool = Tru
   root = pathlib.Path(directory).expanduser()
   if not root.is_dir():
     raise MissingDataError(
-        f"Mask directory {root} does not exist. Download NVIDIA's Irregular Mask Dataset from "
-        f"{NVIDIA_MASKS_URL} (see the README), unzip it and point config.data.masks.dir (training masks) "
-        "or config.data.masks.test_dir (test masks) at it.")
-  paths = tuple(sorted(str(p) for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file()))
+      f"Mask directory {root} does not exist. Download NVIDIA's Irregular Mask Dataset from "
+      f"{NVIDIA_MASKS_URL} (see the README), unzip it and point config.data.masks.dir (training "
+      "masks) or config.data.masks.test_dir (test masks) at it."
+    )
+  paths = tuple(
+    sorted(str(p) for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
+  )
   if not paths:
-    raise DataError(f"Mask directory {root} holds no .png files; expected the unzipped Irregular Mask "
-                     f"Dataset from {NVIDIA_MASKS_URL}.")
+    raise DataError(
+      f"Mask directory {root} holds no .png files; expected the unzipped Irregular Mask "
+      f"Dataset from {NVIDIA_MASKS_URL}."
+    )
   if check_readable:
     for path in paths:
       try:
         with Image.open(path) as image:
           image.size  # pylint: disable=pointless-statement
       except images.DECODE_ERRORS as e:
-        raise DataError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
+        raise DataError(
+          f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset."
+        ) from e
   return paths
 
 
@@ -238,12 +272,15 @@ def read_mask_png(path: str | pathlib.Path) -> np.ndarray:
   try:
     white, _ = images.read_mask(path)
   except images.DECODE_ERRORS as e:
-    raise DataError(f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset.") from e
+    raise DataError(
+      f"Unreadable mask file {path}: {e}. Remove it or re-download the dataset."
+    ) from e
   return (~white).astype(np.uint8)[..., None]
 
 
 def _resize_nearest(mask: np.ndarray, size: Size) -> np.ndarray:
-  """Centre-crops a (H, W, 1) mask to a square if `size` is, then resizes it with nearest neighbour."""
+  """Centre-crops a (H, W, 1) mask to a square if `size` is,
+  then resizes it with nearest neighbour."""
   height, width = _pair(size)
   image = Image.fromarray(mask[..., 0])
   if height == width and image.width != image.height:
@@ -255,12 +292,14 @@ def _resize_nearest(mask: np.ndarray, size: Size) -> np.ndarray:
   return np.asarray(image)[..., None]
 
 
-def load_mask_set(directory: str | pathlib.Path, size: Size, *,
-                  per_bin: int | None = None) -> dict[int, np.ndarray]:
+def load_mask_set(
+  directory: str | pathlib.Path, size: Size, *, per_bin: int | None = None
+) -> dict[int, np.ndarray]:
   """Loads PNG masks (white = hole) and groups them by their hole ratio recomputed at `size`.
 
-  Reads NVIDIA's test masks or a set written by `save_mask_set`. Files are read in sorted path order;
-  masks outside (0.01, 0.6] are left out. With `per_bin`, stops once every bin holds that many.
+  Reads NVIDIA's test masks or a set written by `save_mask_set`. Files are read in sorted path
+  order; masks outside (0.01, 0.6] are left out. With `per_bin`, stops once every bin holds that
+  many.
 
   Returns:
     {bin index: (n, H, W, 1) uint8}, 1 = valid, for all six bins (possibly with n = 0).
@@ -278,8 +317,9 @@ def load_mask_set(directory: str | pathlib.Path, size: Size, *,
     elif per_bin is None or len(grouped[index]) < per_bin:
       grouped[index].append(mask)
   if outside:
-    logging.info("%d masks in %s have a hole ratio outside (0.01, 0.6] and were left out.", outside,
-                 directory)
+    logging.info(
+      "%d masks in %s have a hole ratio outside (0.01, 0.6] and were left out.", outside, directory
+    )
   empty = np.zeros((0, *_pair(size), 1), np.uint8)
   return {index: np.stack(masks) if masks else empty for index, masks in grouped.items()}
 
@@ -301,9 +341,9 @@ def _dilate(hole: np.ndarray, radius: int) -> np.ndarray:
 def augment_mask(mask: np.ndarray, rng: np.random.Generator, size: Size) -> np.ndarray:
   """The paper's training-mask augmentation: random rotation, cropping and dilation.
 
-  Rotates by a uniform angle (corners filled as valid), crops a random square of 50-100% of the shorter
-  side, resizes it with nearest neighbour to `size`, and dilates the holes by a random radius of
-  0..max(1, side // 64) pixels.
+  Rotates by a uniform angle (corners filled as valid), crops a random square of 50-100% of the
+  shorter side, resizes it with nearest neighbour to `size`, and dilates the holes by a random
+  radius of 0..max(1, side // 64) pixels.
 
   Args:
     mask: (H, W, 1) uint8, 1 = valid.
@@ -319,7 +359,9 @@ def augment_mask(mask: np.ndarray, rng: np.random.Generator, size: Size) -> np.n
   crop = max(1, round(rng.uniform(0.5, 1.0) * min(hole.size)))
   left = int(rng.integers(0, hole.width - crop + 1))
   top = int(rng.integers(0, hole.height - crop + 1))
-  hole = hole.crop((left, top, left + crop, top + crop)).resize((width, height), Image.Resampling.NEAREST)
+  hole = hole.crop((left, top, left + crop, top + crop)).resize(
+    (width, height), Image.Resampling.NEAREST
+  )
   radius = int(rng.integers(0, max(1, min(height, width) // 64) + 1))
   return (~_dilate(np.asarray(hole) > 127, radius)).astype(np.uint8)[..., None]
 
@@ -331,13 +373,15 @@ class NvidiaMasks:
   Draws up to `_MAX_NVIDIA_DRAWS` augmented masks and returns the first whose hole ratio lies in
   [min_hole_ratio, max_hole_ratio], else the one closest to that range.
   """
+
   paths: tuple[str, ...]
   min_hole_ratio: float = 0.01
   max_hole_ratio: float = 0.6
 
   @classmethod
-  def from_dir(cls, directory: str | pathlib.Path, min_hole_ratio: float = 0.01,
-               max_hole_ratio: float = 0.6) -> NvidiaMasks:
+  def from_dir(
+    cls, directory: str | pathlib.Path, min_hole_ratio: float = 0.01, max_hole_ratio: float = 0.6
+  ) -> NvidiaMasks:
     return cls(list_mask_files(directory), min_hole_ratio, max_hole_ratio)
 
   def __call__(self, rng: np.random.Generator, size: Size) -> np.ndarray:
@@ -356,34 +400,43 @@ class NvidiaMasks:
 def create_mask_sampler(config: ml_collections.ConfigDict) -> MaskSampler:
   """The training mask sampler described by `config.data.masks`."""
   if not 0 <= config.min_hole_ratio < config.max_hole_ratio <= 1:
-    raise ConfigError("config.data.masks needs 0 <= min_hole_ratio < max_hole_ratio <= 1, got "
-                     f"{config.min_hole_ratio} and {config.max_hole_ratio}.")
+    raise ConfigError(
+      "config.data.masks needs 0 <= min_hole_ratio < max_hole_ratio <= 1, got "
+      f"{config.min_hole_ratio} and {config.max_hole_ratio}."
+    )
   if config.source == "procedural":
     return ProceduralMasks(config.min_hole_ratio, config.max_hole_ratio)
   if config.source == "nvidia":
     if not config.dir:
-      raise ConfigError("config.data.masks.source='nvidia' needs config.data.masks.dir: the unzipped "
-                       f"training masks of NVIDIA's Irregular Mask Dataset ({NVIDIA_MASKS_URL}).")
+      raise ConfigError(
+        "config.data.masks.source='nvidia' needs config.data.masks.dir: the unzipped "
+        f"training masks of NVIDIA's Irregular Mask Dataset ({NVIDIA_MASKS_URL})."
+      )
     return NvidiaMasks.from_dir(config.dir, config.min_hole_ratio, config.max_hole_ratio)
-  raise ConfigError(f"Unknown config.data.masks.source {config.source!r}; use 'procedural' or 'nvidia'.")
+  raise ConfigError(
+    f"Unknown config.data.masks.source {config.source!r}; use 'procedural' or 'nvidia'."
+  )
 
 
-def load_eval_masks(config: ml_collections.ConfigDict, per_bin: int, *,
-                    seed: int = 0) -> dict[str, dict[int, np.ndarray]]:
+def load_eval_masks(
+  config: ml_collections.ConfigDict, per_bin: int, *, seed: int = 0
+) -> dict[str, dict[int, np.ndarray]]:
   """Evaluation masks for `config.data`, as {set name: {bin index: (n, H, W, 1) uint8}}.
 
   Without `config.data.masks.test_dir`: procedural sets 'no_border' and 'border' (no hole within
-  `masks.border_margin` * image_size pixels of the border) from `eval_mask_set`. With it: the masks there,
-  grouped by `load_mask_set`; a directory with `border/` and `no_border/` subdirectories (as
-  `save_mask_set` on both sets writes) gives those two sets, any other directory (e.g. NVIDIA's test set)
-  one set named 'test'.
+  `masks.border_margin` * image_size pixels of the border) from `eval_mask_set`. With it: the masks
+  there, grouped by `load_mask_set`; a directory with `border/` and `no_border/` subdirectories (as
+  `save_mask_set` on both sets writes) gives those two sets, any other directory (e.g. NVIDIA's test
+  set) one set named 'test'.
   """
   size = config.image_size
   test_dir = config.masks.test_dir
   if test_dir is None:
     margin = round(config.masks.border_margin * size)
-    return {"no_border": eval_mask_set(size, per_bin, seed=seed),
-            "border": eval_mask_set(size, per_bin, seed=seed, margin=margin)}
+    return {
+      "no_border": eval_mask_set(size, per_bin, seed=seed),
+      "border": eval_mask_set(size, per_bin, seed=seed, margin=margin),
+    }
   root = pathlib.Path(test_dir).expanduser()
   names: Sequence[str] = ("no_border", "border")
   if all((root / name).is_dir() for name in names):

@@ -1,21 +1,24 @@
-"""Metrics to the console, to TensorBoard event files (tensorboardX: no TensorFlow needed) and to JSON lines.
+"""Metrics to the console, to TensorBoard event files (tensorboardX: no TensorFlow needed) and to
+JSON lines.
 
-Each run (start or resume) streams its scalars to `metrics_from_step_<N>.jsonl`, N being the step it started
-at: a new file per run works on object stores (gs://), which cannot append. `read_metrics` merges them.
+Each run (start or resume) streams its scalars to `metrics_from_step_<N>.jsonl`, N being the step it
+started at: a new file per run works on object stores (gs://), which cannot append. `read_metrics`
+merges them.
 """
 
+from collections.abc import Mapping
 import json
 import logging
-from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import numpy as np
 import tensorboardX
-from etils import epath
 
 
 class MetricWriter:
-  """Writes scalars, images and hyperparameters; a no-op except on the process that owns the logs."""
+  """Writes scalars, images and hyperparameters; a no-op except
+  on the process that owns the logs."""
 
   def __init__(self, logdir: str | epath.Path, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
@@ -30,9 +33,13 @@ class MetricWriter:
       return
     for name, value in scalars.items():
       self._writer.add_scalar(name, float(value), global_step=step)
-    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+    self._jsonl.write(
+      json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n"
+    )
     self._jsonl.flush()  # A killed run keeps every line it logged.
-    logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in sorted(scalars.items())))
+    logging.info(
+      "[%d] %s", step, ", ".join(f"{k}={float(v):.5g}" for k, v in sorted(scalars.items()))
+    )
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """Images are HWC uint8."""
@@ -56,7 +63,8 @@ class MetricWriter:
 
 
 def read_metrics(logdir: str | epath.Path) -> dict[int, dict[str, float]]:
-  """Scalars by step from every run's JSON lines; a resumed run's values replace the earlier run's."""
+  """Scalars by step from every run's JSON lines; a resumed
+  run's values replace the earlier run's."""
   metrics: dict[int, dict[str, float]] = {}
   for path in sorted(epath.Path(logdir).glob("metrics_from_step_*.jsonl")):
     for line in path.read_text().splitlines():

@@ -1,20 +1,22 @@
-"""Image-quality metrics of the paper's evaluation: L1, PSNR, SSIM per image, Inception score and FID per set.
+"""Image-quality metrics of the paper's evaluation: L1, PSNR, SSIM per image, Inception score and
+FID per set.
 
-Per-image metrics take batches (B, H, W, C) on [0, 1] and return one value per image; they are pure and jit-able.
-PSNR and SSIM come from dm-pix (DeepMind's JAX image library):
+Per-image metrics take batches (B, H, W, C) on [0, 1] and return one value per image; they are pure
+and jit-able. PSNR and SSIM come from dm-pix (DeepMind's JAX image library):
 
   * PSNR: 10 log10(1 / MSE), data range 1; identical images give +inf (no cap).
-  * SSIM: Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, data range 1, over
-    the 'valid' window positions (no padding), averaged over pixels and channels. This equals scikit-image's
-    `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1,
-    channel_axis=-1)`, which crops the same 5-pixel border before averaging.
+  * SSIM: Wang et al. (2004) with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, data
+    range 1, over the 'valid' window positions (no padding), averaged over pixels and channels. This
+    equals scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1, channel_axis=-1)`, which crops the same 5-pixel
+    border before averaging.
   * L1: mean absolute error over all pixels and channels, in percent of the data range.
 
-The paper reports them on the composite (the network's output in the holes, the known pixels of the input
-elsewhere): `images.composite`.
+The paper reports them on the composite (the network's output in the holes, the known pixels of the
+input elsewhere): `images.composite`.
 
-The set-level metrics (Inception score from classifier logits, FID from pool features) run on the host in
-float64 NumPy: they are reductions over a whole evaluation set, not per-batch quantities.
+The set-level metrics (Inception score from classifier logits, FID from pool features) run on the
+host in float64 NumPy: they are reductions over a whole evaluation set, not per-batch quantities.
 """
 
 import dm_pix
@@ -46,37 +48,51 @@ def psnr(predictions: Array, targets: Array) -> Array:
 
 
 def ssim(predictions: Array, targets: Array) -> Array:
-  """Per-image SSIM (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, data range 1): (B, H, W, C) -> (B,).
+  """Per-image SSIM (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, data range 1): (B, H, W, C)
+  -> (B,).
 
   Images must be at least 11 pixels high and wide.
   """
-  return dm_pix.ssim(predictions, targets, max_val=1.0, filter_size=SSIM_WINDOW, filter_sigma=SSIM_SIGMA,
-                     k1=SSIM_K1, k2=SSIM_K2)
+  return dm_pix.ssim(
+    predictions,
+    targets,
+    max_val=1.0,
+    filter_size=SSIM_WINDOW,
+    filter_sigma=SSIM_SIGMA,
+    k1=SSIM_K1,
+    k2=SSIM_K2,
+  )
 
 
 def image_metrics(predictions: Array, targets: Array) -> dict[str, Array]:
   """{'l1_percent', 'psnr', 'ssim'}: per-image values (B,) for images on [0, 1]."""
   predictions = predictions.astype(jnp.float32)
   targets = targets.astype(jnp.float32)
-  return {"l1_percent": l1_percent(predictions, targets), "psnr": psnr(predictions, targets),
-          "ssim": ssim(predictions, targets)}
+  return {
+    "l1_percent": l1_percent(predictions, targets),
+    "psnr": psnr(predictions, targets),
+    "ssim": ssim(predictions, targets),
+  }
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and covariance (unbiased, as in the FID reference code) of (N, D) features, float64. Needs N >= 2."""
+  """Mean and covariance (unbiased, as in the FID reference code) of (N,
+  D) features, float64. Needs N >= 2."""
   features = np.asarray(features, np.float64)
   if features.ndim != 2 or features.shape[0] < 2:
     raise ValueError(f"FID needs at least 2 feature vectors (N, D); got shape {features.shape}.")
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
   """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
-  d = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)). The trace of the matrix square root is
-  computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix s1^(1/2) sigma2 s1^(1/2)
-  (same eigenvalues as sigma1 sigma2), which stays real and stable for the rank-deficient covariances of
-  fewer samples than dimensions.
+  d = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)). The trace of the matrix
+  square root is computed as the sum of square roots of the eigenvalues of the symmetric PSD matrix
+  s1^(1/2) sigma2 s1^(1/2) (same eigenvalues as sigma1 sigma2), which stays real and stable for the
+  rank-deficient covariances of fewer samples than dimensions.
   """
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -93,15 +109,19 @@ def fid(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 def inception_score(logits: np.ndarray, num_splits: int = 1) -> tuple[float, float]:
-  """Inception score exp(E_x KL(p(y|x) || p(y))) from classifier logits (N, classes): (mean, std) over splits.
+  """Inception score exp(E_x KL(p(y|x) || p(y))) from classifier logits (N, classes): (mean, std)
+  over splits.
 
-  As in Salimans et al. (2016): the N images are cut into `num_splits` consecutive chunks, p(y) is the chunk's
-  mean prediction, and the mean and standard deviation of the chunks' scores are returned.
+  As in Salimans et al. (2016): the N images are cut into `num_splits` consecutive chunks, p(y) is
+  the chunk's mean prediction, and the mean and standard deviation of the chunks' scores are
+  returned.
   """
   logits = np.asarray(logits, np.float64)
   if logits.ndim != 2 or not 1 <= num_splits <= logits.shape[0]:
-    raise ValueError(f"Inception score needs logits (N, classes) with N >= num_splits={num_splits}; "
-                     f"got shape {logits.shape}.")
+    raise ValueError(
+      f"Inception score needs logits (N, classes) with N >= num_splits={num_splits}; "
+      f"got shape {logits.shape}."
+    )
   log_p = logits - logits.max(axis=1, keepdims=True)
   log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
   scores = []

@@ -1,11 +1,13 @@
-"""The PConv U-Net of Liu et al. (ECCV 2018): an encoder and a decoder of PConv-BatchNorm-activation blocks.
+"""The PConv U-Net of Liu et al. (ECCV 2018): an encoder and a decoder of PConv-BatchNorm-activation
+blocks.
 
-Variables are nested as `encoder/block_{i}/{conv,bn}` and `decoder/block_{i}/{conv,bn}` (i = 1 is the level
-nearest the image), so the encoder's BatchNorm statistics are simply `batch_stats['encoder']`.
+Variables are nested as `encoder/block_{i}/{conv,bn}` and `decoder/block_{i}/{conv,bn}` (i = 1 is
+the level nearest the image), so the encoder's BatchNorm statistics are simply
+`batch_stats['encoder']`.
 """
 
-import functools
 from collections.abc import Mapping, Sequence
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +21,7 @@ from pconv_jax.layers import Conv, PartialConv
 Array = jax.Array
 ModuleDef = Any
 
+
 def paper_features(depth: int) -> tuple[int, ...]:
   """Encoder widths of the paper's network: 64, 128, 256, 512, then 512 for every further level."""
   return ((64, 128, 256) + (512,) * depth)[:depth]
@@ -30,8 +33,8 @@ def paper_kernel_sizes(depth: int) -> tuple[int, ...]:
 
 
 class PConvBlock(nn.Module):
-  """`conv` (PartialConv, or the baseline's Conv), optional BatchNorm, optional activation. Returns
-  (x, mask)."""
+  """`conv` (PartialConv, or the baseline's Conv), optional BatchNorm,
+  optional activation. Returns (x, mask)."""
 
   conv: ModuleDef
   features: int
@@ -46,11 +49,16 @@ class PConvBlock(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: Array | list[Array], mask: Array | None | list[Array | None], train: bool
+    self, x: Array | list[Array], mask: Array | None | list[Array | None], train: bool
   ) -> tuple[Array, Array | None]:
     x, mask = self.conv(
-        self.features, self.kernel_size, self.strides, self.kernel_size // 2,
-        use_bias=self.use_bias, upsample_first=self.upsample_first, name="conv",
+      self.features,
+      self.kernel_size,
+      self.strides,
+      self.kernel_size // 2,
+      use_bias=self.use_bias,
+      upsample_first=self.upsample_first,
+      name="conv",
     )(x, mask)
     if self.use_bn:
       x = BatchNorm(use_running_average=not train or self.frozen_bn, dtype=self.dtype, name="bn")(x)
@@ -75,17 +83,25 @@ class Encoder(nn.Module):
     levels = [(x, mask)]
     for i, (features, kernel_size) in enumerate(zip(self.features, self.kernel_sizes), start=1):
       x, mask = PConvBlock(
-          self.conv, features, kernel_size, strides=2, use_bn=i > 1, activation="relu",
-          frozen_bn=self.frozen_bn, dtype=self.dtype, name=f"block_{i}",
+        self.conv,
+        features,
+        kernel_size,
+        strides=2,
+        use_bn=i > 1,
+        activation="relu",
+        frozen_bn=self.frozen_bn,
+        dtype=self.dtype,
+        name=f"block_{i}",
       )(x, mask, train)
       levels.append((x, mask))
     return levels
 
 
 class Decoder(nn.Module):
-  """Per level: upsample x2 (nearest), concatenate the encoder's skip (features and mask), 3x3 block; the
-  last block has a bias and no BN or activation. (The upsampling is the conv layer's `upsample_first`,
-  so that a `kernels` implementation may convolve the upsampled block at its own resolution.)"""
+  """Per level: upsample x2 (nearest), concatenate the encoder's skip (features and mask), 3x3
+  block; the last block has a bias and no BN or activation. (The upsampling is the conv layer's
+  `upsample_first`, so that a `kernels` implementation may convolve the upsampled block at its own
+  resolution.)"""
 
   conv: ModuleDef
   features: Sequence[int]
@@ -99,15 +115,23 @@ class Decoder(nn.Module):
       skip_x, skip_mask = levels[i - 1]
       last = i == 1
       x, mask = PConvBlock(
-          self.conv, self.out_channels if last else self.features[i - 2], 3, strides=1,
-          use_bn=not last, activation=None if last else "leaky_relu", use_bias=last,
-          upsample_first=True, dtype=self.dtype, name=f"block_{i}",
+        self.conv,
+        self.out_channels if last else self.features[i - 2],
+        3,
+        strides=1,
+        use_bn=not last,
+        activation=None if last else "leaky_relu",
+        use_bias=last,
+        upsample_first=True,
+        dtype=self.dtype,
+        name=f"block_{i}",
       )([x, skip_x], [mask, skip_mask], train)
     return x
 
 
 class PUNet(nn.Module):
-  """The PConv U-Net. Defaults are the paper's 7-level network for 256x256 images; `depth=8` is its 512 one.
+  """The PConv U-Net. Defaults are the paper's 7-level network for 256x256 images; `depth=8` is its
+  512 one.
 
   Called as `model.apply(variables, images, masks, train=False)` with images in [-1, 1] (NHWC) and
   masks NHWC with 1 = valid pixel, one channel or one per image channel. Returns images in [-1, 1]
@@ -124,6 +148,7 @@ class PUNet(nn.Module):
     dtype: activation dtype, e.g. jnp.bfloat16; parameters and the mask path stay float32.
     kernels: the convolutions' implementation (`pconv_jax.kernels`).
   """
+
   depth: int = 7
   features: Sequence[int] | None = None
   kernel_sizes: Sequence[int] | None = None
@@ -135,15 +160,17 @@ class PUNet(nn.Module):
 
   @property
   def size_multiple(self) -> int:
-    return 2 ** self.depth
+    return 2**self.depth
 
   @nn.compact
   def __call__(self, images: Array, masks: Array, train: bool = False) -> Array:
     features = tuple(self.features or paper_features(self.depth))
     kernel_sizes = tuple(self.kernel_sizes or paper_kernel_sizes(self.depth))
     if len(features) != self.depth or len(kernel_sizes) != self.depth:
-      raise ValueError(f"PUNet(depth={self.depth}) needs {self.depth} features and kernel sizes, "
-                       f"got features={features} and kernel_sizes={kernel_sizes}")
+      raise ValueError(
+        f"PUNet(depth={self.depth}) needs {self.depth} features and kernel sizes, "
+        f"got features={features} and kernel_sizes={kernel_sizes}"
+      )
     self.check_inputs(images, masks)
     masks = masks.astype(jnp.float32)
     x = images.astype(self.dtype or images.dtype)
@@ -152,7 +179,7 @@ class PUNet(nn.Module):
     conv = functools.partial(PartialConv, multi_channel=True) if self.partial else Conv
     conv = functools.partial(conv, dtype=self.dtype, kernels=self.kernels)
     levels = Encoder(
-        conv, features, kernel_sizes, self.freeze_encoder_bn, self.dtype, name="encoder"
+      conv, features, kernel_sizes, self.freeze_encoder_bn, self.dtype, name="encoder"
     )(x, masks, train)
     x = Decoder(conv, features, self.out_channels, self.dtype, name="decoder")(levels, train)
     return jnp.tanh(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
@@ -160,17 +187,24 @@ class PUNet(nn.Module):
   def check_inputs(self, images: Array, masks: Array) -> None:
     """Raises a ValueError saying what is wrong with the shapes of `images` and `masks`."""
     if images.ndim != 4:
-      raise ValueError(f"images must be NHWC (batch, height, width, channels), got shape {images.shape}")
+      raise ValueError(
+        f"images must be NHWC (batch, height, width, channels), got shape {images.shape}"
+      )
     _, height, width, channels = images.shape
-    if masks.ndim != 4 or masks.shape[:3] != images.shape[:3] or masks.shape[-1] not in (1, channels):
-      raise ValueError(f"masks must be NHWC with the images' batch, height and width and 1 or {channels} "
-                       f"channels (1 = valid pixel, 0 = hole); got masks {masks.shape} for images {images.shape}")
+    if (
+      masks.ndim != 4 or masks.shape[:3] != images.shape[:3] or masks.shape[-1] not in (1, channels)
+    ):
+      raise ValueError(
+        f"masks must be NHWC with the images' batch, height and width and 1 or {channels} "
+        f"channels (1 = valid pixel, 0 = hole); got masks {masks.shape} for images {images.shape}"
+      )
     m = self.size_multiple
     if height % m or width % m:
       raise ValueError(
-          f"PUNet(depth={self.depth}) takes heights and widths that are multiples of {m} "
-          f"({m}, {2 * m}, {3 * m}, {4 * m}, ...); got {height}x{width}. Resize the image, or pad it to "
-          f"{-(-height // m) * m}x{-(-width // m) * m} and mark the padding as hole.")
+        f"PUNet(depth={self.depth}) takes heights and widths that are multiples of {m} ({m}, "
+        f"{2 * m}, {3 * m}, {4 * m}, ...); got {height}x{width}. Resize the image, or pad it to "
+        f"{-(-height // m) * m}x{-(-width // m) * m} and mark the padding as hole."
+      )
 
 
 def create_model(config: Mapping[str, Any], *, kernels: Kernels = XLA, **overrides: Any) -> PUNet:
@@ -178,19 +212,23 @@ def create_model(config: Mapping[str, Any], *, kernels: Kernels = XLA, **overrid
   `kernels` (`pconv_jax.kernels.select`)."""
   features, kernel_sizes = config.get("features"), config.get("kernel_sizes")
   kwargs = dict(
-      depth=config["depth"],
-      features=None if features is None else tuple(features),
-      kernel_sizes=None if kernel_sizes is None else tuple(kernel_sizes),
-      partial=config.get("partial", True),
-      dtype=jnp.dtype(config.get("dtype", "float32")),
-      kernels=kernels)
+    depth=config["depth"],
+    features=None if features is None else tuple(features),
+    kernel_sizes=None if kernel_sizes is None else tuple(kernel_sizes),
+    partial=config.get("partial", True),
+    dtype=jnp.dtype(config.get("dtype", "float32")),
+    kernels=kernels,
+  )
   return PUNet(**(kwargs | overrides))
 
 
 def architecture(config: Mapping[str, Any]) -> dict[str, Any]:
-  """What fixes a model config's variables and meaning (not its dtype): for checking checkpoints against configs."""
+  """What fixes a model config's variables and meaning (not its dtype):
+  for checking checkpoints against configs."""
   depth = config["depth"]
-  return {"depth": depth,
-          "features": list(config.get("features") or paper_features(depth)),
-          "kernel_sizes": list(config.get("kernel_sizes") or paper_kernel_sizes(depth)),
-          "partial": bool(config.get("partial", True))}
+  return {
+    "depth": depth,
+    "features": list(config.get("features") or paper_features(depth)),
+    "kernel_sizes": list(config.get("kernel_sizes") or paper_kernel_sizes(depth)),
+    "partial": bool(config.get("partial", True)),
+  }

@@ -1,12 +1,12 @@
-"""The device mesh, the two shardings the project uses (replicated state, batch split over `data`), and
-global arrays made from host data."""
+"""The device mesh, the two shardings the project uses (replicated state, batch split over `data`),
+and global arrays made from host data."""
 
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 DATA_AXIS = "data"
 
@@ -18,11 +18,11 @@ def create_mesh(data_devices: int = -1) -> Mesh:
   size = available if data_devices == -1 else data_devices
   if not (size == available or (jax.process_count() == 1 and 0 < size <= available)):
     raise ValueError(
-        f"config.mesh.data={data_devices}, but the job has {available} devices in "
-        f"{jax.process_count()} process(es): use -1 (all) or, in a single process, 1..{available}."
+      f"config.mesh.data={data_devices}, but the job has {available} devices in "
+      f"{jax.process_count()} process(es): use -1 (all) or, in a single process, 1..{available}."
     )
   return jax.make_mesh(
-      (size,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:size]
+    (size,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:size]
   )
 
 
@@ -54,5 +54,5 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   """This process's part of a batch -> global arrays split over the data axis (in process order)."""
   sharding = batch_sharded(mesh)
   return {
-      key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()
+    key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()
   }

@@ -1,31 +1,42 @@
 """Training: the sharded train state and step, the paper's two stages, and the loop.
 
-Stage "initial" trains everything. Stage "finetune" (from `config.stages.initial_steps` on, or from the start
-when `config.stages.finetune_from` names a stage-1 checkpoint) freezes the encoder's BatchNorm: its statistics
-are used as running averages and passed through unchanged, its scale/bias get zero updates (optax), and the
-learning rate drops. The optimizer state starts afresh at the stage change.
+Stage "initial" trains everything. Stage "finetune" (from `config.stages.initial_steps` on, or from
+the start when `config.stages.finetune_from` names a stage-1 checkpoint) freezes the encoder's
+BatchNorm: its statistics are used as running averages and passed through unchanged, its scale/bias
+get zero updates (optax), and the learning rate drops. The optimizer state starts afresh at the
+stage change.
 """
 
+from collections.abc import Mapping
 import functools
 import logging
 import signal
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
-from jax.experimental import multihost_utils
 from PIL import Image
 
-from pconv_jax import (checkpoints, evaluate, images, input_pipeline, kernels, losses, masks, models,
-                       parallel, vgg)
+from pconv_jax import (
+  checkpoints,
+  evaluate,
+  images,
+  input_pipeline,
+  kernels,
+  losses,
+  masks,
+  models,
+  parallel,
+  vgg,
+)
 from pconv_jax.errors import ConfigError
 from pconv_jax.metric_writer import MetricWriter
 
@@ -49,7 +60,8 @@ def is_encoder_bn(path: tuple[str, ...]) -> bool:
 
 
 def create_optimizer(stage: str, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam at the stage's learning rate; in "finetune" the encoder's BatchNorm scale/bias get zero updates."""
+  """Adam at the stage's learning rate; in "finetune" the encoder's
+  BatchNorm scale/bias get zero updates."""
   lr = config.stages.initial_lr if stage == INITIAL else config.stages.finetune_lr
   adam = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
   if stage == INITIAL:
@@ -57,88 +69,135 @@ def create_optimizer(stage: str, config: ml_collections.ConfigDict) -> optax.Gra
 
   def labels(params):
     flat = flax.traverse_util.flatten_dict(params)
-    return flax.traverse_util.unflatten_dict({k: "frozen" if is_encoder_bn(k) else "train" for k in flat})
+    return flax.traverse_util.unflatten_dict(
+      {k: "frozen" if is_encoder_bn(k) else "train" for k in flat}
+    )
 
   return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
 def _init_fn(model: models.PUNet, tx: optax.GradientTransformation, image_size: int):
   """`init(rng, variables) -> TrainState`: fresh variables from `rng` when `variables` is None."""
+
   def init(rng, variables):
     if variables is None:
       image = jnp.zeros((1, image_size, image_size, model.out_channels), jnp.float32)
       variables = model.init(rng, image, jnp.ones(image.shape[:3] + (1,), jnp.float32))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+    )
+
   return init
 
 
-def create_train_state(model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                       image_size: int, seed: int, variables: Mapping[str, Any] | None = None) -> TrainState:
-  """A new state born replicated on `mesh`: fresh variables from `seed`, or the given (replicated) `variables`."""
+def create_train_state(
+  model: models.PUNet,
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  image_size: int,
+  seed: int,
+  variables: Mapping[str, Any] | None = None,
+) -> TrainState:
+  """A new state born replicated on `mesh`: fresh variables from `seed`,
+  or the given (replicated) `variables`."""
   init = jax.jit(_init_fn(model, tx, image_size), out_shardings=parallel.replicated(mesh))
   return init(jax.random.key(seed), variables)
 
 
-def abstract_train_state(model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                         image_size: int) -> TrainState:
+def abstract_train_state(
+  model: models.PUNet, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, image_size: int
+) -> TrainState:
   """Shapes, dtypes and shardings of the train state, computed without allocating it."""
   shapes = jax.eval_shape(_init_fn(model, tx, image_size), jax.random.key(0), None)
   sharding = parallel.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], vgg_variables: Any, *, model: models.PUNet,
-               tx: optax.GradientTransformation,
-               loss_weights: Mapping[str, float]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on the paper's loss, computed with the model's kernels. A non-finite loss or gradient
-  leaves the state unchanged (but counted). A model with a frozen encoder BatchNorm returns the encoder's
-  statistics unchanged."""
+def train_step(
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  vgg_variables: Any,
+  *,
+  model: models.PUNet,
+  tx: optax.GradientTransformation,
+  loss_weights: Mapping[str, float],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on the paper's loss, computed with the model's kernels. A non-finite loss or
+  gradient leaves the state unchanged (but counted). A model with a frozen encoder BatchNorm returns
+  the encoder's statistics unchanged."""
   image, mask = batch["image"], batch["mask"]
 
   def loss_fn(params):
-    outputs, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, image, mask,
-                                   train=True, mutable=["batch_stats"])
-    total, terms = losses.inpainting_loss(outputs, image, mask, vgg_variables, loss_weights, model.kernels)
+    outputs, updates = model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      image,
+      mask,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    total, terms = losses.inpainting_loss(
+      outputs, image, mask, vgg_variables, loss_weights, model.kernels
+    )
     return total, (terms, updates["batch_stats"])
 
   (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-  new = state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
-                      opt_state=opt_state)
+  new = state.replace(
+    params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
+  )
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-  metrics = {"loss": total, **terms, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32)}
+  metrics = {
+    "loss": total,
+    **terms,
+    "grad_norm": grad_norm,
+    "nonfinite": (~finite).astype(jnp.int32),
+  }
   return new.replace(step=state.step + 1), metrics
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> models.PUNet:
-  """The network of `config.model`, computed with the kernels `config.model.conv_impl` picks for `mesh`."""
-  return models.create_model(config.model, kernels=kernels.select(config.model.conv_impl, mesh.devices.flat))
+  """The network of `config.model`, computed with the kernels
+  `config.model.conv_impl` picks for `mesh`."""
+  return models.create_model(
+    config.model, kernels=kernels.select(config.model.conv_impl, mesh.devices.flat)
+  )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for configurations that cannot train, before anything is compiled."""
-  multiple = 2 ** config.model.depth
+  multiple = 2**config.model.depth
   if config.data.image_size % multiple:
     raise ConfigError(
-        f"config.data.image_size={config.data.image_size} is not a multiple of 2**depth={multiple} "
-        f"(config.model.depth={config.model.depth}): use {multiple}, {2 * multiple}, ... or change the depth.")
+      f"config.data.image_size={config.data.image_size} is not a multiple of 2**depth={multiple} "
+      f"(config.model.depth={config.model.depth}): use {multiple}, {2 * multiple}, ... or change "
+      "the depth."
+    )
   if config.optim.batch_size <= 0:
     raise ConfigError(f"config.optim.batch_size must be positive, got {config.optim.batch_size}.")
-  if min(config.stages.initial_steps, config.stages.finetune_steps) < 0 or \
-      config.stages.initial_steps + config.stages.finetune_steps == 0:
+  if (
+    min(config.stages.initial_steps, config.stages.finetune_steps) < 0
+    or config.stages.initial_steps + config.stages.finetune_steps == 0
+  ):
     raise ConfigError("config.stages.initial_steps and finetune_steps must be >= 0 and not both 0.")
   if min(config.stages.initial_lr, config.stages.finetune_lr) <= 0:
     raise ConfigError("config.stages.initial_lr and finetune_lr must be positive.")
   if config.train.nonfinite not in ("stop", "skip"):
-    raise ConfigError(f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}.")
+    raise ConfigError(
+      f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}."
+    )
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
-    raise ConfigError(f"config.model.dtype must be float32, bfloat16 or float16, got {config.model.dtype!r}.")
+    raise ConfigError(
+      f"config.model.dtype must be float32, bfloat16 or float16, got {config.model.dtype!r}."
+    )
   if config.model.conv_impl not in kernels.CONV_IMPLS:
-    raise ConfigError(f"config.model.conv_impl must be one of {kernels.CONV_IMPLS}, got "
-                      f"{config.model.conv_impl!r}.")
+    raise ConfigError(
+      f"config.model.conv_impl must be one of {kernels.CONV_IMPLS}, got {config.model.conv_impl!r}."
+    )
   for name in ("log_every_steps", "sample_every_steps"):
     if config.train[name] <= 0:
       raise ConfigError(f"config.train.{name} must be positive.")
@@ -153,7 +212,8 @@ class PreemptionWatcher:
 
   def __init__(self):
     self._signalled = threading.Event()
-    if jax.process_count() == 1:  # Multi-process runs use JAX's coordination service, which traps SIGTERM.
+    # Multi-process runs use JAX's coordination service, which traps SIGTERM.
+    if jax.process_count() == 1:
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._signalled.set())
 
   def reached(self, step: int) -> bool:
@@ -168,24 +228,42 @@ class PreemptionWatcher:
 
 def sample_grid(targets: np.ndarray, masks_: np.ndarray, outputs: np.ndarray) -> np.ndarray:
   """Rows of [input with white holes, output, composite, ground truth], HWC uint8."""
-  return images.grid([[images.with_white_holes(x, m), y, images.composite(y, x, m), x]
-                      for x, m, y in zip(targets, masks_, outputs)])
+  return images.grid(
+    [
+      [images.with_white_holes(x, m), y, images.composite(y, x, m), x]
+      for x, m, y in zip(targets, masks_, outputs)
+    ]
+  )
 
 
 class _Samples:
   """Fixed evaluation images and masks, inpainted with the current model for visual progress."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh):
+  def __init__(
+    self, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh
+  ):
     size = config.data.image_size
     available = len(input_pipeline.create_image_source(config.data, train=False))
-    self.images = input_pipeline.load_eval_images(config.data, min(config.train.num_samples, available))
-    self.masks = np.stack([masks.random_mask(np.random.default_rng([config.seed, 7, i]), size, 0.1, 0.5)
-                           for i in range(len(self.images))]).astype(np.float32)
+    self.images = input_pipeline.load_eval_images(
+      config.data, min(config.train.num_samples, available)
+    )
+    self.masks = np.stack(
+      [
+        masks.random_mask(np.random.default_rng([config.seed, 7, i]), size, 0.1, 0.5)
+        for i in range(len(self.images))
+      ]
+    ).astype(np.float32)
     self._inputs = [parallel.replicate(a, mesh) for a in (self.images, self.masks)]
-    self._predict = jax.jit(functools.partial(model.apply, train=False), out_shardings=parallel.replicated(mesh))
+    self._predict = jax.jit(
+      functools.partial(model.apply, train=False), out_shardings=parallel.replicated(mesh)
+    )
 
-  def write(self, state: TrainState, writer: MetricWriter, directory: epath.Path, step: int) -> None:
-    outputs = self._predict({"params": state.params, "batch_stats": state.batch_stats}, *self._inputs)
+  def write(
+    self, state: TrainState, writer: MetricWriter, directory: epath.Path, step: int
+  ) -> None:
+    outputs = self._predict(
+      {"params": state.params, "batch_stats": state.batch_stats}, *self._inputs
+    )
     grid = sample_grid(self.images, self.masks, np.asarray(outputs.addressable_data(0)))
     if jax.process_index() == 0:
       directory.mkdir(parents=True, exist_ok=True)
@@ -205,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   """Trains (resuming from `workdir/checkpoints` when it has any), evaluates the final checkpoint if
   `config.eval.at_end`, and returns the final state.
 
-  `workdir` may be local or on an object store (gs://...: then pip install -r requirements-gcs.txt)."""
+  `workdir` may be local or on an object store (gs://...: then pip install -r
+  requirements-gcs.txt)."""
   workdir = epath.Path(workdir)
   validate_config(config)
   try:
@@ -213,43 +292,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   except ValueError as error:
     raise ConfigError(str(error)) from error
   if config.optim.batch_size % mesh.size:
-    raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} (the global batch) is not divisible "
-                      f"by the {mesh.size} data-parallel devices: use a multiple of {mesh.size}.")
+    raise ConfigError(
+      f"config.optim.batch_size={config.optim.batch_size} (the global batch) is not divisible "
+      f"by the {mesh.size} data-parallel devices: use a multiple of {mesh.size}."
+    )
   stages = config.stages
   total_steps = stages.initial_steps + stages.finetune_steps
   model = create_model(config, mesh)
   vgg_variables = vgg.resolve_weights(config.loss.vgg_weights, required=config.loss.require_vgg)
   if vgg_variables is not None:
     vgg_variables = parallel.replicate(vgg_variables, mesh)
-  data_iter = input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
-                                               seed=config.seed)
+  data_iter = input_pipeline.create_train_iter(
+    config.data, global_batch_size=config.optim.batch_size, seed=config.seed
+  )
   samples = _Samples(config, model, mesh)
   manager = checkpoints.train_manager(workdir / "checkpoints", config.checkpoint.max_to_keep)
 
   def abstract(meta: Mapping[str, Any]) -> TrainState:
-    _check_architecture(meta, config, f"the checkpoint of step {meta['step']} in {manager.directory}")
-    return abstract_train_state(model, create_optimizer(meta["stage"], config), mesh, config.data.image_size)
+    _check_architecture(
+      meta, config, f"the checkpoint of step {meta['step']} in {manager.directory}"
+    )
+    return abstract_train_state(
+      model, create_optimizer(meta["stage"], config), mesh, config.data.image_size
+    )
 
   restored = checkpoints.restore_train_state(manager, abstract, data_iter)
   if restored is not None:
     state, meta = restored
     state_stage = meta["stage"]
-    logging.info("Resumed from %s at step %d (stage %s).", manager.directory, meta["step"], state_stage)
+    logging.info(
+      "Resumed from %s at step %d (stage %s).", manager.directory, meta["step"], state_stage
+    )
   elif stages.finetune_from:
     _, variables, meta = checkpoints.load_model(stages.finetune_from)
     _check_architecture(meta, config, f"config.stages.finetune_from={stages.finetune_from}")
     variables = parallel.replicate(jax.device_get(variables), mesh)
     state_stage = FINETUNE
-    state = create_train_state(model, create_optimizer(FINETUNE, config), mesh, config.data.image_size,
-                               config.seed, variables).replace(step=jnp.asarray(stages.initial_steps, jnp.int32))
+    state = create_train_state(
+      model,
+      create_optimizer(FINETUNE, config),
+      mesh,
+      config.data.image_size,
+      config.seed,
+      variables,
+    ).replace(step=jnp.asarray(stages.initial_steps, jnp.int32))
     data_iter.seek(stages.initial_steps)
     logging.info("Starting the finetune stage from %s.", stages.finetune_from)
   else:
     state_stage = stage_at(0, stages)
-    state = create_train_state(model, create_optimizer(state_stage, config), mesh, config.data.image_size,
-                               config.seed)
+    state = create_train_state(
+      model, create_optimizer(state_stage, config), mesh, config.data.image_size, config.seed
+    )
   _log_parameter_overview(state.params)
-  writer = MetricWriter(workdir / "logs", start_step=int(state.step), enabled=jax.process_index() == 0)
+  writer = MetricWriter(
+    workdir / "logs", start_step=int(state.step), enabled=jax.process_index() == 0
+  )
   writer.write_hparams(config.to_dict() | {"vgg_losses": vgg_variables is not None})
 
   step = int(state.step)
@@ -260,12 +357,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   try:
     while step < total_steps:
       stage = stage_at(step, stages)
-      if stage != state_stage:  # initial -> finetune within the run: a fresh optimizer at the lower rate.
+      # initial -> finetune within the run: a fresh optimizer at the lower rate.
+      if stage != state_stage:
         tx = create_optimizer(stage, config)
-        state = state.replace(opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(state.params))
+        state = state.replace(
+          opt_state=jax.jit(tx.init, out_shardings=parallel.replicated(mesh))(state.params)
+        )
         state_stage = stage
-        logging.info("Step %d: entering the finetune stage (encoder BatchNorm frozen, lr %g).",
-                     step, stages.finetune_lr)
+        logging.info(
+          "Step %d: entering the finetune stage (encoder BatchNorm frozen, lr %g).",
+          step,
+          stages.finetune_lr,
+        )
       batch = parallel.global_batch(next(data_iter), mesh)
       if compiled_stage != stage:
         compiled = _compile_step(stage, config, model, mesh, state, batch, vgg_variables)
@@ -283,11 +386,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
       preempted = preemption.reached(step)
       if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
         apply_nonfinite_policy(pending, step, config.train.nonfinite)
-        meta = {"step": step, "stage": stage, "model": config.model.to_dict(), "config": config.to_dict(),
-                "vgg_losses": vgg_variables is not None}
+        meta = {
+          "step": step,
+          "stage": stage,
+          "model": config.model.to_dict(),
+          "config": config.to_dict(),
+          "vgg_losses": vgg_variables is not None,
+        }
         checkpoints.save_train_state(manager, step, state, data_iter, meta)
       if preempted:
-        logging.warning("Preemption signal: saved step %d; exiting. Rerun the same command to resume.", step)
+        logging.warning(
+          "Preemption signal: saved step %d; exiting. Rerun the same command to resume.", step
+        )
         break
     manager.wait_until_finished()
   finally:
@@ -300,37 +410,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   return state
 
 
-def _check_architecture(meta: Mapping[str, Any], config: ml_collections.ConfigDict, what: str) -> None:
+def _check_architecture(
+  meta: Mapping[str, Any], config: ml_collections.ConfigDict, what: str
+) -> None:
   saved, wanted = models.architecture(meta["model"]), models.architecture(config.model)
   if saved != wanted:
-    raise ConfigError(f"config.model {wanted} does not fit {what}, which holds {saved}: use the checkpoint's "
-                      "model settings, or another workdir to train a different network.")
+    raise ConfigError(
+      f"config.model {wanted} does not fit {what}, which holds {saved}: use the checkpoint's "
+      "model settings, or another workdir to train a different network."
+    )
 
 
-def make_train_step(stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh):
-  """The stage's train step, jitted with the state replicated, the batch split over `data` and the old state
-  donated. Called as `step(state, batch, vgg_variables) -> (state, metrics)`. `model` is `create_model(config,
-  mesh)`'s (or a clone of it)."""
+def make_train_step(
+  stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh
+):
+  """The stage's train step, jitted with the state replicated, the batch split over `data` and the
+  old state donated. Called as `step(state, batch, vgg_variables) -> (state, metrics)`. `model` is
+  `create_model(config, mesh)`'s (or a clone of it)."""
   step_fn = functools.partial(
-      train_step, model=model.clone(freeze_encoder_bn=stage == FINETUNE), tx=create_optimizer(stage, config),
-      loss_weights={name: float(config.loss[name]) for name in losses.TERMS})
+    train_step,
+    model=model.clone(freeze_encoder_bn=stage == FINETUNE),
+    tx=create_optimizer(stage, config),
+    loss_weights={name: float(config.loss[name]) for name in losses.TERMS},
+  )
   replicated = parallel.replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  return jax.jit(
+    step_fn,
+    in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
 
 
-def _compile_step(stage: str, config: ml_collections.ConfigDict, model: models.PUNet, mesh: jax.sharding.Mesh,
-                  state: TrainState, batch: Mapping[str, jax.Array], vgg_variables: Any):
+def _compile_step(
+  stage: str,
+  config: ml_collections.ConfigDict,
+  model: models.PUNet,
+  mesh: jax.sharding.Mesh,
+  state: TrainState,
+  batch: Mapping[str, jax.Array],
+  vgg_variables: Any,
+):
   start = time.perf_counter()
-  compiled = make_train_step(stage, config, model, mesh).lower(state, batch, vgg_variables).compile()
+  compiled = (
+    make_train_step(stage, config, model, mesh).lower(state, batch, vgg_variables).compile()
+  )
   logging.info("Compiled the %s train step in %.1f s.", stage, time.perf_counter() - start)
   return compiled
 
 
 def apply_nonfinite_policy(pending: list[dict[str, jax.Array]], step: int, policy: str) -> None:
-  """Applies config.train.nonfinite ("stop" or "skip") to the metrics of the steps up to `step` not yet checked.
+  """Applies config.train.nonfinite ("stop" or "skip") to the metrics of the steps up to `step` not
+  yet checked.
 
-  The train step already left the state unchanged at those steps, so no checkpoint ever holds a non-finite state.
+  The train step already left the state unchanged at those steps, so no checkpoint ever holds a
+  non-finite state.
   """
   bad = [i for i, m in enumerate(jax.device_get([m["nonfinite"] for m in pending])) if m]
   if not bad:
@@ -338,26 +472,47 @@ def apply_nonfinite_policy(pending: list[dict[str, jax.Array]], step: int, polic
   first = step - len(pending) + bad[0] + 1
   if policy == "stop":
     raise FloatingPointError(
-        f"Non-finite loss or gradient at step {first} ({len(bad)} such step(s) up to step {step}); those updates "
-        f"were not applied and the checkpoints hold finite states. Lower the learning rate or check the data; "
-        f"config.train.nonfinite='skip' skips such steps instead.")
+      f"Non-finite loss or gradient at step {first} ({len(bad)} such step(s) up to step {step}); "
+      "those updates were not applied and the checkpoints hold finite states. Lower the learning "
+      "rate or check the data; config.train.nonfinite='skip' skips such steps instead."
+    )
   logging.warning("Skipped %d non-finite update(s) between steps %d and %d.", len(bad), first, step)
 
 
-def _log_metrics(pending: list[dict[str, jax.Array]], writer: MetricWriter, step: int, total_steps: int,
-                 last_log: tuple[float, int], config: ml_collections.ConfigDict, stage: str) -> tuple[float, int]:
+def _log_metrics(
+  pending: list[dict[str, jax.Array]],
+  writer: MetricWriter,
+  step: int,
+  total_steps: int,
+  last_log: tuple[float, int],
+  config: ml_collections.ConfigDict,
+  stage: str,
+) -> tuple[float, int]:
   apply_nonfinite_policy(pending, step, config.train.nonfinite)
   values = jax.device_get(pending)
   now = time.perf_counter()
   seconds, steps = now - last_log[0], step - last_log[1]
-  scalars = {f"train_{k}": float(np.mean([v[k] for v in values])) for k in values[0] if k != "nonfinite"}
-  scalars |= {"train_step_seconds": seconds / steps, "train_images_per_second": steps * config.optim.batch_size
-              / seconds, "train_learning_rate": config.stages.initial_lr if stage == INITIAL
-              else config.stages.finetune_lr}
+  scalars = {
+    f"train_{k}": float(np.mean([v[k] for v in values])) for k in values[0] if k != "nonfinite"
+  }
+  scalars |= {
+    "train_step_seconds": seconds / steps,
+    "train_images_per_second": steps * config.optim.batch_size / seconds,
+    "train_learning_rate": config.stages.initial_lr
+    if stage == INITIAL
+    else config.stages.finetune_lr,
+  }
   writer.write_scalars(step, scalars)
   eta = (total_steps - step) * seconds / steps
-  logging.info("Step %d/%d (%s) %.1f%%, %.3f s/step, ETA %s", step, total_steps, stage,
-               100 * step / total_steps, seconds / steps, format_duration(eta))
+  logging.info(
+    "Step %d/%d (%s) %.1f%%, %.3f s/step, ETA %s",
+    step,
+    total_steps,
+    stage,
+    100 * step / total_steps,
+    seconds / steps,
+    format_duration(eta),
+  )
   return now, step
 
 

@@ -1,17 +1,17 @@
-"""Pretrained weight files of the loss (VGG-16), the evaluation (Inception-v3) and converted networks: the
-cache directory, checksummed downloads, reading PyTorch files, and the `fetch`/`convert` command line.
-Each network's module says what its files hold."""
+"""Pretrained weight files of the loss (VGG-16), the evaluation (Inception-v3) and converted
+networks: the cache directory, checksummed downloads, reading PyTorch files, and the
+`fetch`/`convert` command line. Each network's module says what its files hold."""
 
 import argparse
-import hashlib
-import os
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+import hashlib
+import os
 from pathlib import Path
+import sys
 from typing import Any
+import urllib.error
+import urllib.request
 
 from absl import logging
 
@@ -24,7 +24,9 @@ class WeightsError(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class Source:
-  """A canonical public weight file and its published checksums (hashlib algorithm -> hex digest)."""
+  """A canonical public weight file and its published checksums
+  (hashlib algorithm -> hex digest)."""
+
   url: str
   checksums: Mapping[str, str]
 
@@ -35,23 +37,34 @@ class Source:
 
 @dataclass(frozen=True)
 class WeightFiles:
-  """How one network's weight files are read: a loader per format, the format chosen by the file's suffix."""
+  """How one network's weight files are read: a loader per format,
+  the format chosen by the file's suffix."""
+
   network: str  # e.g. "VGG-16", for messages.
   torch_format: str  # The format of .pth/.pt files (its loaders key).
   torch_label: str  # Who publishes those, for messages.
-  loaders: Mapping[str, Callable[[Path], Any]]  # torch_format, "keras" (.h5/.hdf5) and "npz" (this project's).
+  loaders: Mapping[
+    str, Callable[[Path], Any]
+  ]  # torch_format, "keras" (.h5/.hdf5) and "npz" (this project's).
   config_field: str  # The config field naming a file.
   fetch_command: Callable[..., str]  # fetch_command(source="default") -> the shell command to run.
   error: type[WeightsError]
 
   def format_of(self, path: Path) -> str:
-    suffixes = {".pth": self.torch_format, ".pt": self.torch_format, ".h5": "keras", ".hdf5": "keras",
-                ".npz": "npz"}
+    suffixes = {
+      ".pth": self.torch_format,
+      ".pt": self.torch_format,
+      ".h5": "keras",
+      ".hdf5": "keras",
+      ".npz": "npz",
+    }
     kind = suffixes.get(path.suffix.lower())
     if kind is None:
       raise self.error(
-          f"{path}: unknown {self.network} weight format {path.suffix!r}; expected .npz (this project's), .pth/.pt "
-          f"({self.torch_label}) or .h5/.hdf5 (Keras). Create one with `{self.fetch_command()}`.")
+        f"{path}: unknown {self.network} weight format {path.suffix!r}; expected .npz (this "
+        "project's), .pth/.pt "
+        f"({self.torch_label}) or .h5/.hdf5 (Keras). Create one with `{self.fetch_command()}`."
+      )
     return kind
 
   def load(self, path: str | os.PathLike) -> Any:
@@ -60,22 +73,22 @@ class WeightFiles:
     kind = self.format_of(path)
     if not path.is_file():
       raise self.error(
-          f"{self.network} weights file {path} does not exist. Run `{self.fetch_command()}` (or "
-          f"`{self.fetch_command('keras')}`) and leave {self.config_field} unset to use the cache, or point it at "
-          "an existing file.")
+        f"{self.network} weights file {path} does not exist. Run `{self.fetch_command()}` (or "
+        f"`{self.fetch_command('keras')}`) and leave {self.config_field} unset to use the cache, "
+        "or point it at an existing file."
+      )
     return self.loaders[kind](path)
 
 
 def read_torch_state_dict(
-    path: str | os.PathLike,
-    missing_torch: UserError,
-    unreadable: Callable[[str, str], UserError],
+  path: str | os.PathLike, missing_torch: UserError, unreadable: Callable[[str, str], UserError]
 ) -> dict[str, Any]:
-  """The state dict in a `torch.save` file, read with PyTorch (imported only here: optional and heavy):
-  the file's dict itself, or the one a training checkpoint holds under 'state_dict', 'model' or
-  'generator'.
+  """The state dict in a `torch.save` file, read with PyTorch (imported only here: optional and
+  heavy): the file's dict itself, or the one a training checkpoint holds under 'state_dict', 'model'
+  or 'generator'.
 
-  Raises `missing_torch` without PyTorch, and `unreadable(path, problem)` for a file that holds none."""
+  Raises `missing_torch` without PyTorch, and `unreadable(path, problem)` for a file that holds
+  none."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -111,27 +124,39 @@ def file_digests(path: Path) -> dict[str, str]:
   return {name: h.hexdigest() for name, h in hashes.items()}
 
 
-def download(url: str, dest: Path, checksums: Mapping[str, str],
-             error: type[WeightsError] = WeightsError) -> dict[str, str]:
-  """Downloads `url` (http(s) or file) to `dest` and returns its digests; refuses a file whose checksums differ.
+def download(
+  url: str, dest: Path, checksums: Mapping[str, str], error: type[WeightsError] = WeightsError
+) -> dict[str, str]:
+  """Downloads `url` (http(s) or file) to `dest` and returns its digests; refuses a file whose
+  checksums differ.
 
-  `checksums` maps "sha256"/"md5" to the expected hex digest and must not be empty. On any failure nothing is
-  left at `dest`, and `error` is raised.
+  `checksums` maps "sha256"/"md5" to the expected hex digest and must not be empty. On any failure
+  nothing is left at `dest`, and `error` is raised.
   """
   if not checksums or not set(checksums) <= {"sha256", "md5"}:
-    raise ValueError(f"download needs expected 'sha256' and/or 'md5' checksums, got {dict(checksums)}")
+    raise ValueError(
+      f"download needs expected 'sha256' and/or 'md5' checksums, got {dict(checksums)}"
+    )
   partial = dest.with_name(dest.name + ".part")
   try:
     with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
       while chunk := response.read(1 << 20):
         out.write(chunk)
     digests = file_digests(partial)
-    wrong = {name: (want.lower(), digests[name]) for name, want in checksums.items() if digests[name] != want.lower()}
+    wrong = {
+      name: (want.lower(), digests[name])
+      for name, want in checksums.items()
+      if digests[name] != want.lower()
+    }
     if wrong:
-      details = "; ".join(f"{name} expected {want}, got {got}" for name, (want, got) in wrong.items())
+      details = "; ".join(
+        f"{name} expected {want}, got {got}" for name, (want, got) in wrong.items()
+      )
       raise error(
-          f"checksum mismatch for {url} ({details}): refusing to use it. The download is corrupt or not the "
-          "expected file; retry, or if you trust another copy, pass its SHA-256 with --sha256.")
+        f"checksum mismatch for {url} ({details}): refusing to use it. The download is corrupt or "
+        "not the expected file; retry, or if you trust another copy, pass its SHA-256 with "
+        "--sha256."
+      )
     os.replace(partial, dest)
     return digests
   except (urllib.error.URLError, OSError) as e:
@@ -144,22 +169,40 @@ def check_canonical(path: Path, source: Source) -> dict[str, str]:
   """The file's digests; warns when it is not the canonical download (it is still used)."""
   digests = file_digests(path)
   if any(digests[name] != want for name, want in source.checksums.items()):
-    logging.warning("%s is not the canonical %s (SHA-256 %s); converting it anyway.", path, source.filename,
-                    digests["sha256"])
+    logging.warning(
+      "%s is not the canonical %s (SHA-256 %s); converting it anyway.",
+      path,
+      source.filename,
+      digests["sha256"],
+    )
   return digests
 
 
-def main(argv: Sequence[str] | None, *, network: str, prog: str, sources: Mapping[str, Source],
-         fetch: Callable[..., Path], convert: Callable[[str, str | None], Path], cache_name: str) -> int:
+def main(
+  argv: Sequence[str] | None,
+  *,
+  network: str,
+  prog: str,
+  sources: Mapping[str, Source],
+  fetch: Callable[..., Path],
+  convert: Callable[[str, str | None], Path],
+  cache_name: str,
+) -> int:
   """`fetch SOURCE [--url] [--sha256]` and `convert PATH [--output]` for one network's weights."""
   parser = argparse.ArgumentParser(
-      prog=prog, description=f"Fetch or convert {network} weights.",
-      epilog=f"Cache directory: {cache_dir()} (set $PCONV_JAX_CACHE to change it).")
+    prog=prog,
+    description=f"Fetch or convert {network} weights.",
+    epilog=f"Cache directory: {cache_dir()} (set $PCONV_JAX_CACHE to change it).",
+  )
   commands = parser.add_subparsers(dest="command", required=True)
-  fetch_parser = commands.add_parser("fetch", help="download, verify and convert a canonical weight file")
+  fetch_parser = commands.add_parser(
+    "fetch", help="download, verify and convert a canonical weight file"
+  )
   fetch_parser.add_argument("source", choices=sorted(sources))
   fetch_parser.add_argument("--url", help="download from here instead (a mirror, or file:///path)")
-  fetch_parser.add_argument("--sha256", help="expected SHA-256 of that file, replacing the published checksum")
+  fetch_parser.add_argument(
+    "--sha256", help="expected SHA-256 of that file, replacing the published checksum"
+  )
   convert_parser = commands.add_parser("convert", help="convert a local .pth or .h5 file")
   convert_parser.add_argument("path")
   convert_parser.add_argument("--output", help=f"output .npz (default: {cache_dir()}/{cache_name})")

@@ -3,26 +3,34 @@
 import csv
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from configs import default
 from pconv_jax import baselines, checkpoints, evaluate, inception, masks, models
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_CONFIG = {"depth": 3, "features": [8, 8, 8], "kernel_sizes": [3, 3, 3], "partial": True, "dtype": "float32"}
+MODEL_CONFIG = {
+  "depth": 3,
+  "features": [8, 8, 8],
+  "kernel_sizes": [3, 3, 3],
+  "partial": True,
+  "dtype": "float32",
+}
 
 
 def save_tiny_checkpoint(directory: Path, step: int = 7, **meta) -> Path:
   model = models.create_model(MODEL_CONFIG)
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 32, 32, 1)))
+  variables = jax.jit(model.init)(
+    jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 32, 32, 1))
+  )
   checkpoints.save_model(directory, variables, MODEL_CONFIG, step=step, **meta)
   return directory
 
@@ -47,11 +55,17 @@ def random_inception_npz(path: Path) -> Path:
     node = params
     for part in conv_path:
       node = node.setdefault(part, {})
-    node["kernel"] = rng.normal(0, np.sqrt(2 / (kh * kw * cin)), (kh, kw, cin, cout)).astype(np.float32)
+    node["kernel"] = rng.normal(0, np.sqrt(2 / (kh * kw * cin)), (kh, kw, cin, cout)).astype(
+      np.float32
+    )
     node["bias"] = rng.normal(0, 0.1, cout).astype(np.float32)
-  params["fc"] = {"kernel": rng.normal(0, 0.05, (2048, 1000)).astype(np.float32),
-                  "bias": np.zeros(1000, np.float32)}
-  inception.save_npz(inception.Inception("keras", {"params": params}), path, origin_sha256="random test weights")
+  params["fc"] = {
+    "kernel": rng.normal(0, 0.05, (2048, 1000)).astype(np.float32),
+    "bias": np.zeros(1000, np.float32),
+  }
+  inception.save_npz(
+    inception.Inception("keras", {"params": params}), path, origin_sha256="random test weights"
+  )
   return path
 
 
@@ -67,19 +81,30 @@ def test_eval_run_writes_every_table_bin_and_baseline(workdir, monkeypatch, tmp_
   results = evaluate.evaluate(tiny_config(inception=True), workdir)
   out = workdir / "eval" / "step_7"
   assert sorted(p.name for p in out.iterdir()) == [
-      "results.csv", "results.json", "results.md", "samples_border.png", "samples_no_border.png"]
+    "results.csv",
+    "results.json",
+    "results.md",
+    "samples_border.png",
+    "samples_no_border.png",
+  ]
 
   methods = ["pconv", "telea", "navier_stokes", "mean_fill"]
   bins = [evaluate.bin_label(i) for i in range(len(masks.HOLE_RATIO_BINS))]
   with open(out / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert {(r["method"], r["mask_set"], r["bin"]) for r in rows} == {
-      (m, s, b) for m in methods for s in ("no_border", "border") for b in bins}
+    (m, s, b) for m in methods for s in ("no_border", "border") for b in bins
+  }
   assert len(rows) == len(methods) * 2 * 6
   for row in rows:
     assert row["pairs"] == "3"  # max(2 images, 3 masks).
-    assert 0 <= float(row["l1_percent"]) < 100 and float(row["psnr"]) > 0 and -1 <= float(row["ssim"]) <= 1
-    assert row["inception_score"] == row["fid"] == ""  # No Inception weights in the cache: no made-up numbers.
+    assert (
+      0 <= float(row["l1_percent"]) < 100
+      and float(row["psnr"]) > 0
+      and -1 <= float(row["ssim"]) <= 1
+    )
+    # No Inception weights in the cache: no made-up numbers.
+    assert row["inception_score"] == row["fid"] == ""
 
   saved = json.loads((out / "results.json").read_text())
   assert saved["step"] == 7 and saved["num_images"] == 2 and saved["inception"] is None
@@ -91,9 +116,18 @@ def test_eval_run_writes_every_table_bin_and_baseline(workdir, monkeypatch, tmp_
 
   table = (out / "results.md").read_text()
   assert table in capsys.readouterr().out
-  for text in ["| L1 (%) | PConv (this model) |", "|  | Telea (OpenCV) |", "Navier-Stokes (OpenCV)", "Mean colour",
-               "(0.01, 0.1] N", "(0.5, 0.6] B", "| IScore |", "| FID |", "python -m pconv_jax.inception fetch fid",
-               "without the perceptual and style losses"]:
+  for text in [
+    "| L1 (%) | PConv (this model) |",
+    "|  | Telea (OpenCV) |",
+    "Navier-Stokes (OpenCV)",
+    "Mean colour",
+    "(0.01, 0.1] N",
+    "(0.5, 0.6] B",
+    "| IScore |",
+    "| FID |",
+    "python -m pconv_jax.inception fetch fid",
+    "without the perceptual and style losses",
+  ]:
     assert text in table
   assert "n/a" in table
 
@@ -102,9 +136,14 @@ def test_eval_run_writes_every_table_bin_and_baseline(workdir, monkeypatch, tmp_
 
 
 def test_eval_is_deterministic_and_independent_of_the_batch_size(workdir, tmp_path):
-  config = tiny_config(baselines=("mean_fill",), masks_per_bin=10)  # 10 pairs per bin: batches of 8 + 2 (padded).
-  runs = [evaluate.evaluate(config, tmp_path / name, checkpoint=workdir / "checkpoints") for name in "ab"]
-  csv_a, csv_b = ((tmp_path / name / "eval" / "step_7" / "results.csv").read_text() for name in "ab")
+  # 10 pairs per bin: batches of 8 + 2 (padded).
+  config = tiny_config(baselines=("mean_fill",), masks_per_bin=10)
+  runs = [
+    evaluate.evaluate(config, tmp_path / name, checkpoint=workdir / "checkpoints") for name in "ab"
+  ]
+  csv_a, csv_b = (
+    (tmp_path / name / "eval" / "step_7" / "results.csv").read_text() for name in "ab"
+  )
   assert csv_a == csv_b
   config.eval.batch_size = 16  # One padded batch.
   runs.append(evaluate.evaluate(config, tmp_path / "c", checkpoint=workdir / "checkpoints"))
@@ -115,14 +154,17 @@ def test_eval_is_deterministic_and_independent_of_the_batch_size(workdir, tmp_pa
 
 
 def test_eval_on_a_mask_directory_with_inception_weights(workdir, tmp_path):
-  """NVIDIA-style test masks (PNG, white = hole): one mask in bin (0.1, 0.2], so the other bins are n/a; random
-  Inception weights fill the IScore and FID cells of that bin."""
+  """NVIDIA-style test masks (PNG, white = hole): one mask in bin (0.1, 0.2], so the other bins are
+  n/a; random Inception weights fill the IScore and FID cells of that bin."""
   hole = np.zeros((32, 32), np.uint8)
   hole[8:20, 4:18] = 255  # 168 / 1024 = 16% hole.
   (tmp_path / "masks").mkdir()
   Image.fromarray(hole).save(tmp_path / "masks" / "00001.png")
-  config = tiny_config(inception=True, inception_weights=str(random_inception_npz(tmp_path / "inception.npz")),
-                       baselines=("mean_fill",))
+  config = tiny_config(
+    inception=True,
+    inception_weights=str(random_inception_npz(tmp_path / "inception.npz")),
+    baselines=("mean_fill",),
+  )
   config.data.masks.test_dir = str(tmp_path / "masks")
   results = evaluate.evaluate(config, tmp_path, checkpoint=workdir / "checkpoints")
   assert results["pairs"] == {"test": {evaluate.bin_label(i): 2 if i == 1 else 0 for i in range(6)}}
@@ -145,33 +187,50 @@ def test_bad_eval_config_and_missing_checkpoint_are_explained(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="No checkpoint directory"):
     evaluate.evaluate(tiny_config(), tmp_path / "elsewhere")
   with pytest.raises(inception.InceptionWeightsError, match="does not exist"):
-    evaluate.evaluate(tiny_config(inception=True, inception_weights=str(tmp_path / "none.npz")), tmp_path)
+    evaluate.evaluate(
+      tiny_config(inception=True, inception_weights=str(tmp_path / "none.npz")), tmp_path
+    )
 
 
 def test_module_cli_runs_eval(workdir, tmp_path):
   config_file = tmp_path / "tiny_eval.py"
   config_file.write_text(
-      "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
-      "  config.data.source = 'demo'\n  config.data.image_size = 32\n  config.eval.num_images = None\n"
-      "  config.eval.masks_per_bin = 1\n  config.eval.baselines = ()\n  config.eval.inception = False\n"
-      "  return config\n")
+    "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
+    "  config.data.source = 'demo'\n  config.data.image_size = 32\n  config.eval.num_images = "
+    "None\n"
+    "  config.eval.masks_per_bin = 1\n  config.eval.baselines = ()\n  config.eval.inception = "
+    "False\n"
+    "  return config\n"
+  )
   result = subprocess.run(
-      [sys.executable, "-m", "pconv_jax.evaluate", f"--config={config_file}", f"--workdir={tmp_path}",
-       f"--checkpoint={workdir / 'checkpoints'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PCONV_JAX_CACHE": str(tmp_path)})
+    [
+      sys.executable,
+      "-m",
+      "pconv_jax.evaluate",
+      f"--config={config_file}",
+      f"--workdir={tmp_path}",
+      f"--checkpoint={workdir / 'checkpoints'}",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=os.environ
+    | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PCONV_JAX_CACHE": str(tmp_path)},
+  )
   assert result.returncode == 0, result.stderr
   assert "| SSIM | PConv (this model) |" in result.stdout
   assert (tmp_path / "eval" / "step_7" / "results.json").is_file()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Baselines.
 
 
 def photo_and_mask(size=48):
   from skimage import data  # pylint: disable=import-outside-toplevel
-  image = data.chelsea()[100:100 + size, 150:150 + size].copy()
+
+  image = data.chelsea()[100 : 100 + size, 150 : 150 + size].copy()
   mask = np.ones((1, size, size, 1), np.float32)
   mask[0, 10:30, 15:35] = 0
   return image[None], mask
@@ -204,7 +263,9 @@ def test_mean_fill_is_the_mean_of_known_pixels():
   mask = np.zeros((1, 4, 4, 1), np.float32)
   mask[0, :2] = 1
   out = baselines.inpaint("mean_fill", images, mask)
-  np.testing.assert_array_equal(out[0, 2:], np.broadcast_to(np.array([50, 25, 4], np.uint8), (2, 4, 3)))
+  np.testing.assert_array_equal(
+    out[0, 2:], np.broadcast_to(np.array([50, 25, 4], np.uint8), (2, 4, 3))
+  )
 
 
 def test_unknown_baseline_is_refused():

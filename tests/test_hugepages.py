@@ -11,7 +11,10 @@ GLIBC_LINUX = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
 
 def test_benchmark_workers_get_the_setting_asked_for_and_keep_other_tunables():
-  assert hugepages.with_huge_pages({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  assert hugepages.with_huge_pages({"A": "1"}) == {
+    "A": "1",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+  }
   environ = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
   off = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"}
   assert hugepages.with_huge_pages(environ, False) == off

@@ -28,7 +28,9 @@ def test_grid_lays_out_rows_with_white_holes():
   mask = np.array([[[1.0], [0.0], [1.0]], [[1.0], [1.0], [1.0]]], np.float32)
   grid = images.grid([[images.with_white_holes(image, mask), image]] * 2)
   assert grid.shape == (4, 6, 3) and grid.dtype == np.uint8
-  assert grid[0, 1].tolist() == [255] * 3 and grid[0, 0].tolist() == [0] * 3 and grid[:, 3:].max() == 0
+  assert (
+    grid[0, 1].tolist() == [255] * 3 and grid[0, 0].tolist() == [0] * 3 and grid[:, 3:].max() == 0
+  )
 
 
 def test_mask_files_are_thresholded_at_128_and_16_bit_masks_scaled(tmp_path):

@@ -1,28 +1,34 @@
 """The inpainting API and CLI on a tiny real checkpoint and real PNG/JPEG files."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from skimage import data
 
 from pconv_jax import checkpoints, images, inpaint, models
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_CONFIG = {"depth": 3, "features": [8, 8, 8], "kernel_sizes": [3, 3, 3]}  # Sizes: multiples of 8.
+MODEL_CONFIG = {
+  "depth": 3,
+  "features": [8, 8, 8],
+  "kernel_sizes": [3, 3, 3],
+}  # Sizes: multiples of 8.
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("inpaint_workdir")
   model = models.create_model(MODEL_CONFIG)
-  variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 16, 16, 1)))
+  variables = jax.jit(model.init)(
+    jax.random.key(1), jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 16, 16, 1))
+  )
   checkpoints.save_model(workdir / "checkpoints", variables, MODEL_CONFIG, step=3)
   return workdir
 
@@ -33,14 +39,14 @@ def inpainter(checkpoint):
 
 
 def photo(height=37, width=53, top=80, left=120):
-  return data.astronaut()[top:top + height, left:left + width].copy()
+  return data.astronaut()[top : top + height, left : left + width].copy()
 
 
 def hole_for(height, width, seed=0):
   hole = np.zeros((height, width), bool)
   rng = np.random.default_rng(seed)
   y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
-  hole[y:y + height // 3, x:x + width // 3] = True
+  hole[y : y + height // 3, x : x + width // 3] = True
   return hole
 
 
@@ -51,11 +57,17 @@ def write_mask(hole, path, polarity="white_hole"):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "pconv_jax.inpaint", *map(str, args)], cwd=REPO, capture_output=True,
-                        text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+  return subprocess.run(
+    [sys.executable, "-m", "pconv_jax.inpaint", *map(str, args)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=os.environ | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+  )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # API.
 
 
@@ -69,7 +81,9 @@ def test_odd_size_keeps_known_pixels_and_equals_padded_network(inpainter):
   padded[0, :37, :53] = images.to_model_range(image)
   valid = np.zeros((1, 40, 56, 1), np.float32)
   valid[0, :37, :53, 0] = ~hole
-  output = np.asarray(inpainter.model.apply(inpainter.variables, jnp.asarray(padded), jnp.asarray(valid)))
+  output = np.asarray(
+    inpainter.model.apply(inpainter.variables, jnp.asarray(padded), jnp.asarray(valid))
+  )
   expected = images.to_uint8(output[0, :37, :53])
   np.testing.assert_array_equal(result[hole], expected[hole])
 
@@ -87,11 +101,14 @@ def test_float_images_and_batches_of_mixed_sizes(inpainter):
     np.testing.assert_allclose(float_result[hole], result[hole] / 255.0, atol=0.5 / 255 + 1e-6)
 
 
-@pytest.mark.parametrize("hole,match", [
+@pytest.mark.parametrize(
+  "hole,match",
+  [
     (np.zeros((37, 53), bool), "no hole"),
     (np.ones((37, 53), bool), "all hole"),
     (np.zeros((30, 53), bool), "the image is 53x37 pixels but the mask is 53x30"),
-])
+  ],
+)
 def test_api_refuses_unusable_masks(inpainter, hole, match):
   with pytest.raises(inpaint.InpaintError, match=match):
     inpainter(photo(), hole)
@@ -102,7 +119,7 @@ def test_api_refuses_out_of_range_float_images(inpainter):
     inpainter(photo() / 127.5 - 1.0, hole_for(37, 53))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI.
 
 
@@ -110,8 +127,16 @@ def test_cli_single_image_jpeg_in_png_out(checkpoint, tmp_path):
   Image.fromarray(photo(45, 61)).save(tmp_path / "photo.jpg", quality=90)
   hole = hole_for(45, 61)
   write_mask(hole, tmp_path / "mask.png")
-  result = run_cli("--checkpoint", checkpoint, "--image", tmp_path / "photo.jpg", "--mask", tmp_path / "mask.png",
-                   "--output", tmp_path / "out.png")
+  result = run_cli(
+    "--checkpoint",
+    checkpoint,
+    "--image",
+    tmp_path / "photo.jpg",
+    "--mask",
+    tmp_path / "mask.png",
+    "--output",
+    tmp_path / "out.png",
+  )
   assert result.returncode == 0, result.stderr
   out = np.asarray(Image.open(tmp_path / "out.png"))
   decoded = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))
@@ -123,8 +148,16 @@ def test_cli_single_image_jpeg_in_png_out(checkpoint, tmp_path):
 def test_cli_error_is_one_line_without_traceback(checkpoint, tmp_path):
   Image.fromarray(photo()).save(tmp_path / "photo.png")
   write_mask(np.zeros((37, 53), bool), tmp_path / "mask.png")
-  result = run_cli("--checkpoint", checkpoint, "--image", tmp_path / "photo.png", "--mask", tmp_path / "mask.png",
-                   "--output", tmp_path / "out.png")
+  result = run_cli(
+    "--checkpoint",
+    checkpoint,
+    "--image",
+    tmp_path / "photo.png",
+    "--mask",
+    tmp_path / "mask.png",
+    "--output",
+    tmp_path / "out.png",
+  )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -136,9 +169,23 @@ def test_cli_black_hole_polarity(checkpoint, tmp_path, capsys):
   image, hole = photo(), hole_for(37, 53)
   Image.fromarray(image).save(tmp_path / "photo.png")
   write_mask(hole, tmp_path / "mask.png", polarity="black_hole")
-  assert inpaint.main(["--checkpoint", str(checkpoint / "checkpoints"), "--image", str(tmp_path / "photo.png"),
-                       "--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png"),
-                       "--mask_polarity", "black_hole"]) == 0
+  assert (
+    inpaint.main(
+      [
+        "--checkpoint",
+        str(checkpoint / "checkpoints"),
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--output",
+        str(tmp_path / "out.png"),
+        "--mask_polarity",
+        "black_hole",
+      ]
+    )
+    == 0
+  )
   out = np.asarray(Image.open(tmp_path / "out.png"))
   np.testing.assert_array_equal(out, inpaint.Inpainter.from_checkpoint(checkpoint)(image, hole))
   assert "Wrote" in capsys.readouterr().out
@@ -147,12 +194,32 @@ def test_cli_black_hole_polarity(checkpoint, tmp_path, capsys):
 def test_cli_folder_mode(checkpoint, tmp_path):
   (tmp_path / "images").mkdir()
   (tmp_path / "masks").mkdir()
-  sizes = {"a": (37, 53), "b": (24, 24), "c": (37, 50), "d": (19, 41)}  # a and c batch together (40x56).
+  sizes = {
+    "a": (37, 53),
+    "b": (24, 24),
+    "c": (37, 50),
+    "d": (19, 41),
+  }  # a and c batch together (40x56).
   for name, (h, w) in sizes.items():
     Image.fromarray(photo(h, w)).save(tmp_path / "images" / f"{name}.png")
     write_mask(hole_for(h, w, seed=ord(name)), tmp_path / "masks" / f"{name}.png")
-  assert inpaint.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "images"), "--mask",
-                       str(tmp_path / "masks"), "--output", str(tmp_path / "out"), "--batch_size", "2"]) == 0
+  assert (
+    inpaint.main(
+      [
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(tmp_path / "images"),
+        "--mask",
+        str(tmp_path / "masks"),
+        "--output",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "2",
+      ]
+    )
+    == 0
+  )
   single = inpaint.Inpainter.from_checkpoint(checkpoint)
   for name, (h, w) in sizes.items():
     out = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
@@ -165,8 +232,21 @@ def test_cli_folder_mode_reports_missing_masks(checkpoint, tmp_path, capsys):
   Image.fromarray(photo()).save(tmp_path / "images" / "a.png")
   Image.fromarray(photo()).save(tmp_path / "images" / "b.jpg")
   write_mask(hole_for(37, 53), tmp_path / "masks" / "a.png")
-  assert inpaint.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "images"), "--mask",
-                       str(tmp_path / "masks"), "--output", str(tmp_path / "out")]) == 1
+  assert (
+    inpaint.main(
+      [
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(tmp_path / "images"),
+        "--mask",
+        str(tmp_path / "masks"),
+        "--output",
+        str(tmp_path / "out"),
+      ]
+    )
+    == 1
+  )
   assert "b.jpg: no mask named b.*" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
 
@@ -196,12 +276,33 @@ def _bad_input(kind, tmp_path):
   return tmp_path / "missing.jpg", mask, "white_hole", "no such file"
 
 
-@pytest.mark.parametrize("kind", ["mismatched_size", "no_hole", "all_hole_black", "unreadable_image",
-                                  "unreadable_mask", "missing_image"])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    "mismatched_size",
+    "no_hole",
+    "all_hole_black",
+    "unreadable_image",
+    "unreadable_mask",
+    "missing_image",
+  ],
+)
 def test_cli_bad_inputs_give_clear_errors(checkpoint, tmp_path, capsys, kind):
   image, mask, polarity, message = _bad_input(kind, tmp_path)
-  code = inpaint.main(["--checkpoint", str(checkpoint), "--image", str(image), "--mask", str(mask), "--output",
-                       str(tmp_path / "out.png"), "--mask_polarity", polarity])
+  code = inpaint.main(
+    [
+      "--checkpoint",
+      str(checkpoint),
+      "--image",
+      str(image),
+      "--mask",
+      str(mask),
+      "--output",
+      str(tmp_path / "out.png"),
+      "--mask_polarity",
+      polarity,
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 1 and message in err and err.startswith("error: ")
   assert not (tmp_path / "out.png").exists()
@@ -211,9 +312,16 @@ def test_cli_missing_checkpoint_and_bad_output_format(tmp_path, capsys):
   Image.fromarray(photo()).save(tmp_path / "photo.png")
   write_mask(hole_for(37, 53), tmp_path / "mask.png")
   args = ["--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png")]
-  assert inpaint.main(["--checkpoint", str(tmp_path / "nowhere"), *args, "--output", str(tmp_path / "o.png")]) == 1
+  assert (
+    inpaint.main(
+      ["--checkpoint", str(tmp_path / "nowhere"), *args, "--output", str(tmp_path / "o.png")]
+    )
+    == 1
+  )
   assert "No checkpoint directory" in capsys.readouterr().err
-  assert inpaint.main(["--checkpoint", str(tmp_path), *args, "--output", str(tmp_path / "o.xyz")]) == 1
+  assert (
+    inpaint.main(["--checkpoint", str(tmp_path), *args, "--output", str(tmp_path / "o.xyz")]) == 1
+  )
   assert "unknown image format '.xyz'" in capsys.readouterr().err
 
 
@@ -225,9 +333,24 @@ def test_cli_thresholds_non_binary_masks_with_a_warning(checkpoint, tmp_path, ca
   grey[hole] = 200  # Light grey inside the hole, dark grey specks outside.
   grey[0, :5] = 60
   Image.fromarray(grey).save(tmp_path / "mask.png")
-  assert inpaint.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "photo.png"), "--mask",
-                       str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")]) == 0
+  assert (
+    inpaint.main(
+      [
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--output",
+        str(tmp_path / "out.png"),
+      ]
+    )
+    == 0
+  )
   err = capsys.readouterr().err
   assert "warning:" in err and "not a binary mask" in err and "thresholded at 128" in err
-  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")),
-                                inpaint.Inpainter.from_checkpoint(checkpoint)(image, hole))
+  np.testing.assert_array_equal(
+    np.asarray(Image.open(tmp_path / "out.png")),
+    inpaint.Inpainter.from_checkpoint(checkpoint)(image, hole),
+  )

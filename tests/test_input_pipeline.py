@@ -3,7 +3,6 @@
 import io
 import pathlib
 
-from configs import default
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -11,6 +10,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import default
 from pconv_jax import input_pipeline
 from pconv_jax.errors import DataError
 
@@ -67,16 +67,26 @@ def _assert_same(batches_a, batches_b):
 
 class PconvTinyImages(tfds.core.GeneratorBasedBuilder):
   """A tiny tfds image dataset, built like places365_small: encoded image bytes + a label."""
+
   VERSION = tfds.core.Version("1.0.0")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=NUM_COLOURS)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(num_classes=NUM_COLOURS),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"train": self._generate_examples(range(8)), "validation": self._generate_examples(range(8, 12))}
+    return {
+      "train": self._generate_examples(range(8)),
+      "validation": self._generate_examples(range(8, 12)),
+    }
 
   def _generate_examples(self, indices):
     for i in indices:
@@ -91,8 +101,9 @@ def fixture_tfds_dir(tmp_path_factory) -> str:
 
 
 def test_batch_shapes_dtypes_and_ranges():
-  with input_pipeline.create_train_iter(_config(), global_batch_size=4, seed=0, process_index=0,
-                                        process_count=1) as iterator:
+  with input_pipeline.create_train_iter(
+    _config(), global_batch_size=4, seed=0, process_index=0, process_count=1
+  ) as iterator:
     for batch in _take(iterator, 3):
       assert sorted(batch) == ["image", "mask"]
       assert batch["image"].shape == (4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
@@ -104,8 +115,9 @@ def test_batch_shapes_dtypes_and_ranges():
 
 def test_same_seed_same_batches_other_seed_other_batches():
   def run(seed):
-    with input_pipeline.create_train_iter(_config(), global_batch_size=3, seed=seed, process_index=0,
-                                          process_count=1) as iterator:
+    with input_pipeline.create_train_iter(
+      _config(), global_batch_size=3, seed=seed, process_index=0, process_count=1
+    ) as iterator:
       return _take(iterator, 4)
 
   first = run(5)
@@ -128,7 +140,8 @@ def test_restored_state_continues_like_an_uninterrupted_run(colour_folder):
   with input_pipeline.create_train_iter(config, **kwargs) as sought:
     sought.seek(5)
     _assert_same(_take(sought, 2), uninterrupted[5:])
-  # Each epoch is reshuffled: the first 12 examples and the next 12 are each a permutation, but differ.
+  # Each epoch is reshuffled: the first 12 examples and the next 12 are each a permutation, but
+  # differ.
   ids = sum((_record_ids(b["image"]) for b in uninterrupted), [])
   assert sorted(ids[:12]) == sorted(ids[12:24]) == list(range(NUM_COLOURS))
   assert ids[:12] != ids[12:24]
@@ -139,16 +152,22 @@ def test_orbax_checkpoint_manager_saves_and_restores_the_iterator(tmp_path, colo
   kwargs = {"global_batch_size": 4, "seed": 0, "process_index": 0, "process_count": 1}
   with input_pipeline.create_train_iter(config, **kwargs) as iterator:
     expected = _take(iterator, 5)[2:]
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager, input_pipeline.create_train_iter(
-      config, **kwargs) as iterator:
+  with (
+    ocp.CheckpointManager(tmp_path / "ckpt") as manager,
+    input_pipeline.create_train_iter(config, **kwargs) as iterator,
+  ):
     _take(iterator, 2)
     manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     _take(iterator, 1)  # Moving on right after `save` must not change what was saved.
     manager.wait_until_finished()
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager, input_pipeline.create_train_iter(
-      config, **kwargs) as restored:
-    manager.restore(manager.latest_step(),
-                    args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  with (
+    ocp.CheckpointManager(tmp_path / "ckpt") as manager,
+    input_pipeline.create_train_iter(config, **kwargs) as restored,
+  ):
+    manager.restore(
+      manager.latest_step(),
+      args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)),
+    )
     _assert_same(_take(restored, 3), expected)
 
 
@@ -156,15 +175,17 @@ def test_processes_read_disjoint_shards_that_cover_the_epoch(colour_folder):
   config = _config(source="folder", folder=str(colour_folder))
   per_process = []
   for index in range(2):
-    with input_pipeline.create_train_iter(config, global_batch_size=4, seed=3, process_index=index,
-                                          process_count=2) as iterator:
+    with input_pipeline.create_train_iter(
+      config, global_batch_size=4, seed=3, process_index=index, process_count=2
+    ) as iterator:
       per_process.append(_take(iterator, 3))  # 3 steps x 4 = one epoch of 12.
   ids = [sum((_record_ids(b["image"]) for b in batches), []) for batches in per_process]
   assert not set(ids[0]) & set(ids[1])
   assert sorted(ids[0] + ids[1]) == list(range(NUM_COLOURS))
   # The global batch does not depend on the process count.
-  with input_pipeline.create_train_iter(config, global_batch_size=4, seed=3, process_index=0,
-                                        process_count=1) as iterator:
+  with input_pipeline.create_train_iter(
+    config, global_batch_size=4, seed=3, process_index=0, process_count=1
+  ) as iterator:
     single = _take(iterator, 3)
   for step, batch in enumerate(single):
     for key in batch:
@@ -173,8 +194,9 @@ def test_processes_read_disjoint_shards_that_cover_the_epoch(colour_folder):
 
 def test_tiny_tfds_dataset_flows_through_the_places2_path(tfds_dir):
   config = _config(source="tfds", tfds_name="pconv_tiny_images", tfds_data_dir=tfds_dir)
-  with input_pipeline.create_train_iter(config, global_batch_size=4, seed=0, process_index=0,
-                                        process_count=1) as iterator:
+  with input_pipeline.create_train_iter(
+    config, global_batch_size=4, seed=0, process_index=0, process_count=1
+  ) as iterator:
     batches = _take(iterator, 2)
   assert sorted(sum((_record_ids(b["image"]) for b in batches), [])) == list(range(8))
   evaluation = input_pipeline.load_eval_images(config)
@@ -207,8 +229,12 @@ def test_eval_images_are_fixed_centre_crops_of_held_out_photos():
 def test_grey_alpha_palette_16bit_and_small_images_become_rgb_crops():
   pixels = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30)
   transparent = np.zeros((20, 30, 4), np.uint8)  # Fully transparent: composited over white.
-  images = [Image.fromarray(pixels), Image.fromarray(transparent),
-            Image.fromarray(pixels).convert("P"), Image.fromarray(pixels.astype(np.uint16) * 257)]
+  images = [
+    Image.fromarray(pixels),
+    Image.fromarray(transparent),
+    Image.fromarray(pixels).convert("P"),
+    Image.fromarray(pixels.astype(np.uint16) * 257),
+  ]
   for image in images:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -243,8 +269,9 @@ def test_corrupt_images_are_skipped_and_counted(colour_folder):
   truncated = _png(np.full((40, 40, 3), 9, np.uint8))
   (colour_folder / "sub1" / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
   config = _config(source="folder", folder=str(colour_folder))
-  with input_pipeline.create_train_iter(config, global_batch_size=14, seed=0, process_index=0,
-                                        process_count=1) as iterator:
+  with input_pipeline.create_train_iter(
+    config, global_batch_size=14, seed=0, process_index=0, process_count=1
+  ) as iterator:
     batch = next(iterator)  # One epoch: both bad files are drawn once and replaced.
     assert iterator.num_skipped == 2
     ids = _record_ids(batch["image"])
@@ -255,8 +282,9 @@ def test_corrupt_images_are_skipped_and_counted(colour_folder):
 def test_only_unreadable_images_raise(tmp_path):
   (tmp_path / "a.png").write_bytes(b"broken")
   config = _config(source="folder", folder=str(tmp_path))
-  with input_pipeline.create_train_iter(config, global_batch_size=1, seed=0, process_index=0,
-                                        process_count=1) as iterator:
+  with input_pipeline.create_train_iter(
+    config, global_batch_size=1, seed=0, process_index=0, process_count=1
+  ) as iterator:
     with pytest.raises(DataError, match="consecutive unreadable images"):
       next(iterator)
 
@@ -278,7 +306,10 @@ def test_bad_sources_raise_clear_errors(tmp_path, tfds_dir):
   with pytest.raises(FileNotFoundError, match="array_record"):
     source(source="tfds", tfds_name="pconv_tiny_images", tfds_data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="has no feature 'picture'"):
-    source(source="tfds", tfds_name="pconv_tiny_images", tfds_data_dir=tfds_dir, image_key="picture")
+    source(
+      source="tfds", tfds_name="pconv_tiny_images", tfds_data_dir=tfds_dir, image_key="picture"
+    )
   with pytest.raises(ValueError, match="multiple of the process count"):
-    input_pipeline.create_train_iter(_config(), global_batch_size=3, seed=0, process_index=0,
-                                     process_count=2)
+    input_pipeline.create_train_iter(
+      _config(), global_batch_size=3, seed=0, process_index=0, process_count=2
+    )

@@ -1,12 +1,13 @@
-"""Tests for pconv_jax.masks: procedural masks, hole-ratio bins, evaluation sets, NVIDIA mask loading."""
+"""Tests for pconv_jax.masks: procedural masks, hole-ratio bins,
+evaluation sets, NVIDIA mask loading."""
 
 import pathlib
 
-from configs import default
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import default
 from pconv_jax import masks
 
 
@@ -99,8 +100,9 @@ def test_nvidia_polarity_and_binning_by_recomputed_ratio(tmp_path):
   loaded = masks.load_mask_set(tmp_path, 32)
   assert {i: len(m) for i, m in loaded.items()} == {0: 1, 1: 1, 2: 1, 3: 0, 4: 0, 5: 1}
   np.testing.assert_array_equal(loaded[2][0, :8], 0)  # c.png: 16 / 64 = 0.25, top quarter is hole.
-  assert {i: len(m) for i, m in masks.load_mask_set(tmp_path, 32, per_bin=0).items()} == dict.fromkeys(
-      range(6), 0)
+  assert {
+    i: len(m) for i, m in masks.load_mask_set(tmp_path, 32, per_bin=0).items()
+  } == dict.fromkeys(range(6), 0)
 
 
 def test_nvidia_training_masks_stay_binary_and_deterministic(tmp_path):
@@ -111,10 +113,12 @@ def test_nvidia_training_masks_stay_binary_and_deterministic(tmp_path):
     mask = sampler(np.random.default_rng(seed), 32)
     assert mask.shape == (32, 32, 1) and mask.dtype == np.uint8
     assert set(np.unique(mask)) <= {0, 1}
-  np.testing.assert_array_equal(sampler(np.random.default_rng(7), 32),
-                                sampler(np.random.default_rng(7), 32))
-  augmented = masks.augment_mask(masks.read_mask_png(tmp_path / "00001.png"), np.random.default_rng(0),
-                                 (24, 40))
+  np.testing.assert_array_equal(
+    sampler(np.random.default_rng(7), 32), sampler(np.random.default_rng(7), 32)
+  )
+  augmented = masks.augment_mask(
+    masks.read_mask_png(tmp_path / "00001.png"), np.random.default_rng(0), (24, 40)
+  )
   assert augmented.shape == (24, 40, 1) and set(np.unique(augmented)) <= {0, 1}
 
 

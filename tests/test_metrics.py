@@ -5,18 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from skimage import data, filters, metrics as skmetrics
+from skimage import data, filters
+from skimage import metrics as skmetrics
 
 from pconv_jax import metrics
 
 
 def skimage_ssim(a, b):
-  return skmetrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-                                         data_range=1.0, channel_axis=-1)
+  return skmetrics.structural_similarity(
+    a,
+    b,
+    gaussian_weights=True,
+    sigma=1.5,
+    use_sample_covariance=False,
+    data_range=1.0,
+    channel_axis=-1,
+  )
 
 
 def image_pairs():
-  """(name, prediction, target) on [0, 1], float64: random images and natural photos with typical distortions."""
+  """(name, prediction, target) on [0, 1], float64: random images and
+  natural photos with typical distortions."""
   rng = np.random.default_rng(0)
   astronaut = data.astronaut()[60:188, 150:278] / 255.0
   coffee = data.coffee()[100:197, 200:331] / 255.0  # Odd sizes: 97 x 131.
@@ -29,7 +38,8 @@ def image_pairs():
   yield "blur", filters.gaussian(astronaut, sigma=2, channel_axis=-1), astronaut
   yield "contrast", astronaut * 0.5 + 0.25, astronaut
   yield "inpainted", np.where(hole[..., None], coffee.mean(axis=(0, 1)), coffee), coffee
-  flat = np.full((48, 48, 3), 0.98)  # Bright and nearly flat: the hardest case for float32 variances.
+  # Bright and nearly flat: the hardest case for float32 variances.
+  flat = np.full((48, 48, 3), 0.98)
   yield "bright_flat", np.clip(flat - 0.01 + rng.normal(0, 0.01, flat.shape), 0, 1), flat
 
 
@@ -39,11 +49,20 @@ PAIRS = list(image_pairs())
 @pytest.mark.parametrize("name,prediction,target", PAIRS, ids=[p[0] for p in PAIRS])
 def test_psnr_and_ssim_match_scikit_image(name, prediction, target):
   del name
-  got = jax.jit(metrics.image_metrics)(jnp.asarray(prediction[None], jnp.float32),
-                                       jnp.asarray(target[None], jnp.float32))
+  got = jax.jit(metrics.image_metrics)(
+    jnp.asarray(prediction[None], jnp.float32), jnp.asarray(target[None], jnp.float32)
+  )
   # The metrics see float32 inputs; so does the reference, for a like-for-like comparison.
-  prediction, target = prediction.astype(np.float32).astype(np.float64), target.astype(np.float32).astype(np.float64)
-  assert abs(float(got["psnr"][0]) - skmetrics.peak_signal_noise_ratio(target, prediction, data_range=1.0)) < 1e-4
+  prediction, target = (
+    prediction.astype(np.float32).astype(np.float64),
+    target.astype(np.float32).astype(np.float64),
+  )
+  assert (
+    abs(
+      float(got["psnr"][0]) - skmetrics.peak_signal_noise_ratio(target, prediction, data_range=1.0)
+    )
+    < 1e-4
+  )
   assert abs(float(got["ssim"][0]) - skimage_ssim(prediction, target)) < 1e-4
   assert abs(float(got["l1_percent"][0]) - 100 * np.abs(prediction - target).mean()) < 1e-4
 
@@ -52,7 +71,9 @@ def test_batched_metrics_are_per_image():
   _, a, b = PAIRS[2]
   _, c, d = PAIRS[3]
   compute = jax.jit(metrics.image_metrics)
-  batch = compute(jnp.asarray(np.stack([a, c]), jnp.float32), jnp.asarray(np.stack([b, d]), jnp.float32))
+  batch = compute(
+    jnp.asarray(np.stack([a, c]), jnp.float32), jnp.asarray(np.stack([b, d]), jnp.float32)
+  )
   for key, values in batch.items():
     assert values.shape == (2,)
     single = compute(jnp.asarray(c[None], jnp.float32), jnp.asarray(d[None], jnp.float32))[key]
@@ -71,12 +92,13 @@ def test_unit_range():
   np.testing.assert_allclose(metrics.to_unit_range(jnp.asarray([-1.0, 0.0, 1.0])), [0.0, 0.5, 1.0])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # FID and Inception score.
 
 
 def oracle_fid(features1, features2):
-  """The reference computation (pytorch-fid / TTUR): scipy's sqrtm of sigma1 @ sigma2, real part, float64."""
+  """The reference computation (pytorch-fid / TTUR): scipy's sqrtm
+  of sigma1 @ sigma2, real part, float64."""
   mu1, mu2 = features1.mean(0), features2.mean(0)
   s1, s2 = np.cov(features1, rowvar=False), np.cov(features2, rowvar=False)
   covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
@@ -97,7 +119,8 @@ def test_fid_matches_scipy_sqrtm_oracle(n1, n2, dim):
 
 
 def test_fid_of_gaussians_in_closed_form_and_of_identical_sets():
-  """Commuting covariances: tr sqrt(s1 s2) = sum sqrt(eigenvalues products); identical sets give 0."""
+  """Commuting covariances: tr sqrt(s1 s2) = sum sqrt(eigenvalues
+  products); identical sets give 0."""
   mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
   s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
   want = 1 + 0 + 4 + (1 + 4 + 9) + (4 + 1 + 1) - 2 * (2 + 2 + 3)
@@ -131,13 +154,17 @@ def test_inception_score_matches_numpy_oracle(splits):
   logits = np.random.default_rng(5).normal(0, 3, (100, 1008))
   mean, std = metrics.inception_score(logits, splits)
   want_mean, want_std = oracle_inception_score(logits, splits)
-  assert mean == pytest.approx(want_mean, rel=1e-10) and std == pytest.approx(want_std, rel=1e-8, abs=1e-12)
+  assert mean == pytest.approx(want_mean, rel=1e-10) and std == pytest.approx(
+    want_std, rel=1e-8, abs=1e-12
+  )
 
 
 def test_inception_score_limits():
-  confident_distinct = np.eye(10) * 50.0  # Each image sure of a different class: IS = number of classes.
+  # Each image sure of a different class: IS = number of classes.
+  confident_distinct = np.eye(10) * 50.0
   assert metrics.inception_score(confident_distinct)[0] == pytest.approx(10.0, rel=1e-9)
-  same = np.tile(np.random.default_rng(6).normal(size=(1, 10)), (8, 1))  # All predictions equal: IS = 1.
+  # All predictions equal: IS = 1.
+  same = np.tile(np.random.default_rng(6).normal(size=(1, 10)), (8, 1))
   assert metrics.inception_score(same)[0] == pytest.approx(1.0, abs=1e-12)
   with pytest.raises(ValueError, match="num_splits"):
     metrics.inception_score(same, num_splits=20)

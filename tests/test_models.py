@@ -1,4 +1,5 @@
-"""PUNet: shapes, hole independence, the Conv baseline, the frozen-encoder switch and input errors."""
+"""PUNet: shapes, hole independence, the Conv baseline,
+the frozen-encoder switch and input errors."""
 
 import functools
 
@@ -40,15 +41,27 @@ def test_paper_networks_output_shapes(depth, size):
   assert params["decoder"]["block_1"]["conv"]["bias"].shape == (3,)
   assert "bias" not in params["encoder"]["block_2"]["conv"]
   # BatchNorm everywhere but the first encoder and the last decoder block.
-  assert "block_1" not in variables["batch_stats"]["encoder"] and "block_1" not in variables["batch_stats"]["decoder"]
-  assert len(variables["batch_stats"]["encoder"]) == len(variables["batch_stats"]["decoder"]) == depth - 1
+  assert (
+    "block_1" not in variables["batch_stats"]["encoder"]
+    and "block_1" not in variables["batch_stats"]["decoder"]
+  )
+  assert (
+    len(variables["batch_stats"]["encoder"])
+    == len(variables["batch_stats"]["decoder"])
+    == depth - 1
+  )
 
 
 def test_paper_network_parameter_count():
   variables, _ = init_shapes(models.PUNet(), 256)
-  # Convolution weights of the summary's network (no biases but the last layer's 3), plus BN scale/bias.
-  convs = [(7, 3, 64), (5, 64, 128), (5, 128, 256), (3, 256, 512)] + [(3, 512, 512)] * 3 + \
-          [(3, 1024, 512)] * 3 + [(3, 768, 256), (3, 384, 128), (3, 192, 64), (3, 67, 3)]
+  # Convolution weights of the summary's network (no biases but the last layer's 3), plus BN
+  # scale/bias.
+  convs = (
+    [(7, 3, 64), (5, 64, 128), (5, 128, 256), (3, 256, 512)]
+    + [(3, 512, 512)] * 3
+    + [(3, 1024, 512)] * 3
+    + [(3, 768, 256), (3, 384, 128), (3, 192, 64), (3, 67, 3)]
+  )
   bn_channels = [128, 256, 512, 512, 512, 512] + [512, 512, 512, 256, 128, 64]
   want = sum(k * k * cin * cout for k, cin, cout in convs) + 3 + 2 * sum(bn_channels)
   assert sum(x.size for x in jax.tree.leaves(variables["params"])) == want
@@ -58,10 +71,14 @@ def test_forward_is_finite_in_range_and_ignores_pixels_under_holes():
   model = models.PUNet(depth=4, features=(8, 16, 16, 16))
   images, masks = small_inputs()
   variables = model.init(jax.random.key(1), images, masks)
-  noisy = images + (1 - masks) * jnp.asarray(np.random.default_rng(5).normal(size=images.shape) * 10, jnp.float32)
+  noisy = images + (1 - masks) * jnp.asarray(
+    np.random.default_rng(5).normal(size=images.shape) * 10, jnp.float32
+  )
 
   for train in (False, True):
-    apply = jax.jit(functools.partial(model.apply, train=train, mutable=["batch_stats"] if train else False))
+    apply = jax.jit(
+      functools.partial(model.apply, train=train, mutable=["batch_stats"] if train else False)
+    )
     out, out_noisy = apply(variables, images, masks), apply(variables, noisy, masks)
     if train:
       (out, stats), (out_noisy, stats_noisy) = out, out_noisy
@@ -76,8 +93,12 @@ def test_one_and_three_channel_masks_agree():
   images, masks = small_inputs(size=16)
   variables = model.init(jax.random.key(2), images, masks)
   apply = jax.jit(model.apply)
-  np.testing.assert_allclose(apply(variables, images, masks),
-                             apply(variables, images, jnp.repeat(masks, 3, axis=-1)), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    apply(variables, images, masks),
+    apply(variables, images, jnp.repeat(masks, 3, axis=-1)),
+    rtol=1e-6,
+    atol=1e-6,
+  )
 
 
 def test_conv_baseline_fills_holes_and_has_same_variables():
@@ -88,8 +109,12 @@ def test_conv_baseline_fills_holes_and_has_same_variables():
   shapes = lambda v: jax.tree.map(jnp.shape, v)  # noqa: E731
   assert shapes(variables) == shapes(pconv.init(jax.random.key(3), images, masks))
   filled = images * masks  # Holes are set to 0 (mid-grey): values under them do not matter.
-  np.testing.assert_array_equal(conv.apply(variables, images, masks), conv.apply(variables, filled, masks))
-  assert not np.allclose(conv.apply(variables, images, masks), pconv.apply(variables, images, masks))
+  np.testing.assert_array_equal(
+    conv.apply(variables, images, masks), conv.apply(variables, filled, masks)
+  )
+  assert not np.allclose(
+    conv.apply(variables, images, masks), pconv.apply(variables, images, masks)
+  )
 
 
 def test_frozen_encoder_bn_updates_only_decoder_statistics():
@@ -113,19 +138,30 @@ def test_bfloat16_forward_is_finite():
   assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("image_shape,mask_shape,match", [
+@pytest.mark.parametrize(
+  "image_shape,mask_shape,match",
+  [
     ((1, 300, 200, 3), (1, 300, 200, 1), "multiples of 128 .* got 300x200.* pad it to 384x256"),
     ((1, 256, 256, 3), (1, 256, 128, 1), "masks must be NHWC"),
     ((1, 256, 256, 3), (1, 256, 256, 2), "1 or 3 channels"),
     ((256, 256, 3), (256, 256, 1), "images must be NHWC"),
-])
+  ],
+)
 def test_bad_inputs_are_explained(image_shape, mask_shape, match):
   model = models.PUNet()
   with pytest.raises(ValueError, match=match):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(image_shape), jnp.zeros(mask_shape)))
+    jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(image_shape), jnp.zeros(mask_shape))
+    )
 
 
 def test_create_model_from_config_dict():
-  model = models.create_model({"depth": 8, "features": None, "kernel_sizes": None, "partial": False,
-                               "dtype": "bfloat16"})
-  assert model.depth == 8 and not model.partial and model.dtype == jnp.bfloat16 and model.size_multiple == 256
+  model = models.create_model(
+    {"depth": 8, "features": None, "kernel_sizes": None, "partial": False, "dtype": "bfloat16"}
+  )
+  assert (
+    model.depth == 8
+    and not model.partial
+    and model.dtype == jnp.bfloat16
+    and model.size_multiple == 256
+  )

@@ -1,36 +1,53 @@
-"""Training: a two-stage run, sharding parity, the frozen encoder, non-finite steps, resume and bad configs."""
+"""Training: a two-stage run, sharding parity, the frozen encoder,
+non-finite steps, resume and bad configs."""
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import tiny_config
-from pconv_jax import checkpoints, hugepages, input_pipeline, kernels, metric_writer, parallel, train, vgg
+
+from pconv_jax import (
+  checkpoints,
+  hugepages,
+  input_pipeline,
+  kernels,
+  metric_writer,
+  parallel,
+  train,
+  vgg,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_metrics(workdir: Path) -> dict[int, dict]:
-  return {step: m for step, m in metric_writer.read_metrics(workdir / "logs").items() if "train_loss" in m}
+  return {
+    step: m for step, m in metric_writer.read_metrics(workdir / "logs").items() if "train_loss" in m
+  }
 
 
 def final_params(workdir: Path) -> dict:
   _, variables, meta = checkpoints.load_model(workdir / "checkpoints")
-  return {"meta_step": meta["step"], **flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/")}
+  return {
+    "meta_step": meta["step"],
+    **flax.traverse_util.flatten_dict(jax.device_get(variables), sep="/"),
+  }
 
 
 def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
   config = tiny_config.get_config()
-  config.eval.update(at_end=True, num_images=None, masks_per_bin=1, baselines=("mean_fill",), inception=False)
+  config.eval.update(
+    at_end=True, num_images=None, masks_per_bin=1, baselines=("mean_fill",), inception=False
+  )
   state = train.train_and_evaluate(config, tmp_path)
   assert int(state.step) == 6
   metrics = read_metrics(tmp_path)
@@ -40,7 +57,10 @@ def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
   assert metrics[1]["train_perceptual"] == 0.0  # No VGG weights in the test cache: the term is off.
   _, _, meta = checkpoints.load_model(tmp_path / "checkpoints")
   assert meta["step"] == 6 and meta["stage"] == "finetune" and meta["vgg_losses"] is False
-  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000003.png", "step_00000006.png"]
+  assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+    "step_00000003.png",
+    "step_00000006.png",
+  ]
   assert json.loads((tmp_path / "logs" / "hparams.json").read_text())["optim"]["batch_size"] == 8
   assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
   table = (tmp_path / "eval" / "step_6" / "results.md").read_text()
@@ -50,20 +70,25 @@ def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
 
 def make_state_and_batches(config, mesh, num_batches):
   model = train.create_model(config, mesh)
-  state = train.create_train_state(model, train.create_optimizer("initial", config), mesh,
-                                   config.data.image_size, config.seed)
-  with input_pipeline.create_train_iter(config.data, global_batch_size=config.optim.batch_size,
-                                        seed=config.seed) as data:
+  state = train.create_train_state(
+    model, train.create_optimizer("initial", config), mesh, config.data.image_size, config.seed
+  )
+  with input_pipeline.create_train_iter(
+    config.data, global_batch_size=config.optim.batch_size, seed=config.seed
+  ) as data:
     batches = [next(data) for _ in range(num_batches)]
   return model, state, batches
 
 
 def random_vgg_variables(seed=0):
-  """Small random VGG-16 weights through the torchvision loader (the loss then has all six terms)."""
+  """Small random VGG-16 weights through the torchvision loader
+  (the loss then has all six terms)."""
   rng = np.random.default_rng(seed)
   state = {}
   for index, (_, cin, cout) in zip((0, 2, 5, 7, 10, 12, 14), vgg.CONVS):
-    state[f"features.{index}.weight"] = rng.normal(0, (2 / (9 * cin)) ** 0.5, (cout, cin, 3, 3)).astype(np.float32)
+    state[f"features.{index}.weight"] = rng.normal(
+      0, (2 / (9 * cin)) ** 0.5, (cout, cin, 3, 3)
+    ).astype(np.float32)
     state[f"features.{index}.bias"] = np.zeros(cout, np.float32)
   return vgg.from_torchvision_state_dict(state)
 
@@ -78,21 +103,25 @@ def test_eight_devices_match_one_device_with_the_full_loss():
     step = train.make_train_step("initial", config, model, mesh)
     losses[devices] = []
     for batch in batches:
-      state, metrics = step(state, parallel.global_batch(batch, mesh), parallel.replicate(vgg_variables, mesh))
+      state, metrics = step(
+        state, parallel.global_batch(batch, mesh), parallel.replicate(vgg_variables, mesh)
+      )
       losses[devices].append(float(metrics["loss"]))
       assert float(metrics["style_out"]) > 0 and float(metrics["perceptual"]) > 0
     assert len(state.params["encoder"]["block_1"]["conv"]["kernel"].sharding.device_set) == devices
     params[devices] = jax.device_get(state.params)
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params[8], params[1])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params[8], params[1]
+  )
   assert losses[1][0] != losses[1][2]
 
 
 def test_xla_and_cpu_kernels_give_the_same_step_loss_and_gradients_in_float64():
-  """The train step built for a mesh of 2 CPU devices with conv_impl "xla" (the plain path) and "cpu" (the
-  CPU engine, whose rules the sizes here exercise: per-tap products, phases, by-image and matrix-product
-  gradients, pooling and Gram VJPs) computes the same loss, gradients and update. After the first step,
-  Adam's first moment is (1 - b1) times the gradients."""
+  """The train step built for a mesh of 2 CPU devices with conv_impl "xla" (the plain path) and
+  "cpu" (the CPU engine, whose rules the sizes here exercise: per-tap products, phases, by-image and
+  matrix-product gradients, pooling and Gram VJPs) computes the same loss, gradients and update.
+  After the first step, Adam's first moment is (1 - b1) times the gradients."""
   config = tiny_config.get_config()
   config.model.features = (32, 32, 32)  # The last layer then has few outputs (9 x 3 < 35 inputs).
   config.data.image_size, config.optim.batch_size = 64, 2
@@ -110,11 +139,17 @@ def test_xla_and_cpu_kernels_give_the_same_step_loss_and_gradients_in_float64():
       variables = wide(model.init(jax.random.key(0), batch["image"][:1], batch["mask"][:1]))
       tx = train.create_optimizer("initial", config)
       state = train.create_train_state(model, tx, mesh, 64, 0, parallel.replicate(variables, mesh))
-      new_state, metrics = train.make_train_step("initial", config, model, mesh)(state, batch, vgg_variables)
-      assert metrics["loss"].dtype == jnp.float64 and all(v > 0 for k, v in metrics.items() if k != "nonfinite")
+      new_state, metrics = train.make_train_step("initial", config, model, mesh)(
+        state, batch, vgg_variables
+      )
+      assert metrics["loss"].dtype == jnp.float64 and all(
+        v > 0 for k, v in metrics.items() if k != "nonfinite"
+      )
       adam = new_state.opt_state[0]
       gradients = jax.tree.map(lambda mu: mu / (1 - config.optim.b1), adam.mu)
-      results[impl] = jax.device_get((metrics, gradients, new_state.params, new_state.batch_stats, adam.nu))
+      results[impl] = jax.device_get(
+        (metrics, gradients, new_state.params, new_state.batch_stats, adam.nu)
+      )
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)  # noqa: E731
   jax.tree.map(close, results["cpu"], results["xla"])
 
@@ -131,9 +166,12 @@ def test_finetune_step_freezes_encoder_batchnorm_only():
   finetune = train.make_train_step("finetune", config, model, mesh)
   after = jax.device_get(finetune(state, parallel.global_batch(batches[1], mesh), None)[0])
 
-  jax.tree.map(np.testing.assert_array_equal, before.batch_stats["encoder"], after.batch_stats["encoder"])
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before.batch_stats["decoder"],
-                         after.batch_stats["decoder"])
+  jax.tree.map(
+    np.testing.assert_array_equal, before.batch_stats["encoder"], after.batch_stats["encoder"]
+  )
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(a != b)), before.batch_stats["decoder"], after.batch_stats["decoder"]
+  )
   assert all(jax.tree.leaves(changed))
   flat_before = flax.traverse_util.flatten_dict(before.params)
   flat_after = flax.traverse_util.flatten_dict(after.params)
@@ -175,12 +213,15 @@ def test_nonfinite_update_is_not_applied_and_policy_is_applied():
   train.apply_nonfinite_policy(pending, 10, "skip")  # Logs and goes on.
 
 
-@pytest.mark.parametrize("override,match", [
+@pytest.mark.parametrize(
+  "override,match",
+  [
     (("data", "image_size", 36), "image_size=36 is not a multiple of 2\\*\\*depth=8"),
     (("optim", "batch_size", 6), "batch_size=6 .* not divisible by the 8 data-parallel devices"),
     (("train", "nonfinite", "ignore"), "'stop' or 'skip'"),
     (("mesh", "data", 16), "config.mesh.data=16"),
-])
+  ],
+)
 def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
   config = tiny_config.get_config()
   section, name, value = override
@@ -217,13 +258,15 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
 
   # A deleted latest step resumes from the one before.
   import shutil
+
   shutil.rmtree(tmp_path / "checkpoints" / "4")
   config.stages.finetune_steps = 2
   assert int(train.train_and_evaluate(config, tmp_path).step) == 5
 
 
 def test_resume_at_the_stage_boundary_equals_one_run(tmp_path):
-  """Stop exactly after the initial stage (checkpoint with Adam state of stage 1), then resume into finetune."""
+  """Stop exactly after the initial stage (checkpoint with Adam state
+  of stage 1), then resume into finetune."""
   config = tiny_config.get_config()
   train.train_and_evaluate(config, tmp_path / "straight")
   config.stages.finetune_steps = 0
@@ -247,7 +290,11 @@ def test_finetune_from_a_stage1_checkpoint_on_eight_devices(tmp_path):
   assert int(state.step) == 5 and sorted(read_metrics(tmp_path / "stage2")) == [4, 5]
   _, variables, meta = checkpoints.load_model(tmp_path / "stage2" / "checkpoints")
   assert meta["stage"] == "finetune"
-  jax.tree.map(np.testing.assert_array_equal, variables["batch_stats"]["encoder"], stage1["batch_stats"]["encoder"])
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    variables["batch_stats"]["encoder"],
+    stage1["batch_stats"]["encoder"],
+  )
 
   config.model.features = (8, 16, 32)
   with pytest.raises(train.ConfigError, match="does not fit config.stages.finetune_from"):
@@ -262,14 +309,26 @@ def test_resuming_with_another_network_is_refused_and_keeps_the_checkpoints(tmp_
   with pytest.raises(train.ConfigError, match="does not fit the checkpoint of step 2"):
     train.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "corrupt_checkpoints").exists()
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+    "1",
+    "2",
+  ]
 
 
 def run_main(workdir, *args, env=None, **popen):
-  command = [sys.executable, "-m", "pconv_jax.main", "--config", str(ROOT / "tests" / "tiny_config.py"),
-             "--workdir", str(workdir), *args]
-  return subprocess.Popen(command, cwd=ROOT, env=env or os.environ.copy(), stderr=subprocess.PIPE, text=True,
-                          **popen)
+  command = [
+    sys.executable,
+    "-m",
+    "pconv_jax.main",
+    "--config",
+    str(ROOT / "tests" / "tiny_config.py"),
+    "--workdir",
+    str(workdir),
+    *args,
+  ]
+  return subprocess.Popen(
+    command, cwd=ROOT, env=env or os.environ.copy(), stderr=subprocess.PIPE, text=True, **popen
+  )
 
 
 def wait_for_log(process, text):
@@ -326,8 +385,18 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
   assert single.wait() == 0, single.stderr.read()
 
   port = _free_port()
-  processes = [run_main(tmp_path / "multi", *steps, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
-                        "--num_processes=2", f"--process_id={i}", env=env) for i in range(2)]
+  processes = [
+    run_main(
+      tmp_path / "multi",
+      *steps,
+      "--num_cpu_devices=2",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      env=env,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate()[1] for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   assert "process 1 of 2, 2 local / 4 global devices" in outputs[1]
@@ -337,8 +406,13 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
   for step in got:
     np.testing.assert_allclose(got[step]["train_loss"], want[step]["train_loss"], rtol=1e-5)
 
-  more = run_main(tmp_path / "multi", "--config.stages.initial_steps=2", "--config.stages.finetune_steps=2",
-                  "--num_cpu_devices=4", env=env)
+  more = run_main(
+    tmp_path / "multi",
+    "--config.stages.initial_steps=2",
+    "--config.stages.finetune_steps=2",
+    "--num_cpu_devices=4",
+    env=env,
+  )
   log = more.communicate()[1]
   assert more.returncode == 0, log[-3000:]
   assert "Resumed from" in log and "continuing the input pipeline at step 3" in log
@@ -347,6 +421,7 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(tmp_path):
 
 def _free_port() -> int:
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -357,9 +432,14 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
   process = run_main(tmp_path, "--config.data.image_size=36", env=env)
   _, log = process.communicate()
   assert process.returncode == 1
-  assert "error: config.data.image_size=36 is not a multiple of 2**depth=8" in log and "Traceback" not in log
+  assert (
+    "error: config.data.image_size=36 is not a multiple of 2**depth=8" in log
+    and "Traceback" not in log
+  )
   # A CPU run without huge pages says how to get them; it never restarts itself.
-  assert ("start the command with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in log) == hugepages.missing(env)
+  assert (
+    "start the command with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in log
+  ) == hugepages.missing(env)
   assert "Restarting" not in log
 
 

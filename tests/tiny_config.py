@@ -18,5 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.num_samples = 2
   config.checkpoint.every_steps = 1
   config.checkpoint.max_to_keep = 20
-  config.eval.at_end = False  # tests/test_evaluate.py covers evaluation; test_train enables it where needed.
+  config.eval.at_end = (
+    False  # tests/test_evaluate.py covers evaluation; test_train enables it where needed.
+  )
   return config

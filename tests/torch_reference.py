@@ -1,3 +1,5 @@
-"""The PyTorch reference network for the tests: re-exported from benchmarks/torch_reference.py (imports torch)."""
+"""The PyTorch reference network of the tests: benchmarks/torch_reference.py (imports torch)."""
 
-from benchmarks.torch_reference import PartialConv2d, PConvBNActiv, TorchPUNet, randomize  # noqa: F401
+from benchmarks.torch_reference import PartialConv2d, PConvBNActiv, TorchPUNet, randomize
+
+__all__ = ["PartialConv2d", "PConvBNActiv", "TorchPUNet", "randomize"]

@@ -3,9 +3,9 @@
 The model, VGG-16 and the loss take a `Kernels` object (as flax's ResNet takes its `conv`), set from
 `config.model.conv_impl`:
 
-  xla   the plain path (`kernels.xla`): XLA's own convolution, pooling and products; every backend;
-  cpu   the CPU engine (`kernels.cpu`): the same values computed faster on XLA:CPU; CPU devices only;
-  auto  cpu when every device of the mesh is a CPU, else xla (GPUs and TPUs always take the plain path).
+  xla   the plain path (`kernels.xla`): XLA's own convolution, pooling and products; any backend;
+  cpu   the CPU engine (`kernels.cpu`): the same values, faster on XLA:CPU; CPU devices only;
+  auto  cpu when every device of the mesh is a CPU, else xla (GPUs and TPUs: the plain path).
 """
 
 from collections.abc import Iterable
@@ -22,7 +22,8 @@ CONV_IMPLS = ("auto", "xla", "cpu")
 
 
 def select(conv_impl: str, devices: Iterable[jax.Device]) -> Kernels:
-  """The implementation `conv_impl` names, for a batch split over `devices` (e.g. `mesh.devices.flat`)."""
+  """The implementation `conv_impl` names, for a batch split over `devices` (e.g.
+  `mesh.devices.flat`)."""
   devices = list(devices)
   platforms = sorted({device.platform for device in devices})
   if conv_impl not in CONV_IMPLS:
@@ -33,7 +34,7 @@ def select(conv_impl: str, devices: Iterable[jax.Device]) -> Kernels:
     return XLA
   if platforms != ["cpu"]:
     raise ConfigError(
-        f"config.model.conv_impl='cpu' is the CPU engine, but the devices are {platforms}: use 'auto' "
-        "or 'xla' (GPUs and TPUs take the plain XLA path)."
+      f"config.model.conv_impl='cpu' is the CPU engine, but the devices are {platforms}: use "
+      "'auto' or 'xla' (GPUs and TPUs take the plain XLA path)."
     )
   return CpuKernels(batch_shards=len(devices))

@@ -4,14 +4,14 @@ Correct on every backend, and what GPUs and TPUs always run (their compilers alr
 convolution algorithms). The CPU engine (`kernels.cpu`) computes the same values faster on XLA:CPU.
 """
 
-import dataclasses
 from collections.abc import Sequence
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Array = jax.Array
 # 'SAME', 'VALID' or ((top, bottom), (left, right)), as `lax.conv_general_dilated` takes it.
@@ -30,36 +30,36 @@ class XlaKernels:
   """The heavy operations of the network and the loss; every implementation has these methods."""
 
   def conv2d(
-      self,
-      x: Array,
-      kernel: Array,
-      strides: tuple[int, int],
-      padding: Padding,
-      dilation: tuple[int, int] = (1, 1),
-      precision: Any = None,
-      preferred_element_type: Any = None,
+    self,
+    x: Array,
+    kernel: Array,
+    strides: tuple[int, int],
+    padding: Padding,
+    dilation: tuple[int, int] = (1, 1),
+    precision: Any = None,
+    preferred_element_type: Any = None,
   ) -> Array:
     """Convolution of NHWC `x` with the HWIO `kernel`."""
     return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=strides,
-        padding=padding,
-        rhs_dilation=dilation,
-        dimension_numbers=DIMENSION_NUMBERS,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
+      x,
+      kernel,
+      window_strides=strides,
+      padding=padding,
+      rhs_dilation=dilation,
+      dimension_numbers=DIMENSION_NUMBERS,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
     )
 
   def upsampled_conv2d(
-      self,
-      low: Array,
-      rest: Array,
-      kernel: Array,
-      strides: tuple[int, int],
-      padding: Padding,
-      dilation: tuple[int, int] = (1, 1),
-      precision: Any = None,
+    self,
+    low: Array,
+    rest: Array,
+    kernel: Array,
+    strides: tuple[int, int],
+    padding: Padding,
+    dilation: tuple[int, int] = (1, 1),
+    precision: Any = None,
   ) -> Array:
     """A U-Net decoder's convolution: `low` upsampled x2, concatenated with `rest`, convolved."""
     upsampled = jnp.concatenate([upsample2x(low), rest], axis=-1)
@@ -72,9 +72,9 @@ class XlaKernels:
   def feature_products(self, features: Array) -> Array:
     """features^T features per image, (B, C, C) from (B, H, W, C), in float32 or wider."""
     return jnp.einsum(
-        "bhwc,bhwd->bcd",
-        features,
-        features,
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.promote_types(features.dtype, jnp.float32),
+      "bhwc,bhwd->bcd",
+      features,
+      features,
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=jnp.promote_types(features.dtype, jnp.float32),
     )

@@ -1,13 +1,13 @@
 """The CPU engine against the float64 oracles and the plain path: values, gradients, and which of
 XLA:CPU's slow operations each rule avoids (counted in the lowered program)."""
 
+from conv_oracles import conv_gradients_oracle, conv_oracle
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
-from conv_oracles import conv_gradients_oracle, conv_oracle
 from pconv_jax import layers
 from pconv_jax.kernels import XLA, CpuKernels
 
@@ -26,8 +26,8 @@ def convolutions(fn, *args) -> int:
   return jax.jit(fn).lower(*args).as_text().count("stablehlo.convolution")
 
 
-# Each way a gradient is computed on CPU (XLA's convolution, or matrix products over the taps), and the
-# forward against its own oracle.
+# Each way a gradient is computed on CPU (XLA's convolution, or matrix products over the taps), and
+# the forward against its own oracle.
 @pytest.mark.parametrize(
   "size,kernel_size,stride,padding,cin,cout",
   [
@@ -50,7 +50,10 @@ def test_conv2d_and_gradients_match_oracle(size, kernel_size, stride, padding, c
   x = rng.normal(size=(batch, size, size + 1, cin))
   w = rng.normal(size=(kernel_size, kernel_size, cin, cout))
   pads = pads_of(x.shape, kernel_size, stride, padding)
-  conv = lambda x, w: CPU.conv2d(x, w, (stride, stride), layers.normalize_padding(padding))  # noqa: E731
+
+  def conv(x, w):
+    return CPU.conv2d(x, w, (stride, stride), layers.normalize_padding(padding))
+
   with jax.enable_x64(True):
     y, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(w))
     g = rng.normal(size=y.shape)
@@ -77,7 +80,8 @@ def test_few_output_conv2d_in_bfloat16_rounds_once():
 
 
 def test_widened_and_dilated_convolutions_take_the_plain_path():
-  """A bfloat16 convolution accumulated into float32 (VGG's) and a dilated one are XLA's, bit for bit."""
+  """A bfloat16 convolution accumulated into float32 (VGG's) and
+  a dilated one are XLA's, bit for bit."""
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 12, 12, 67)), jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(3, 3, 67, 3)), jnp.bfloat16)
@@ -89,7 +93,8 @@ def test_widened_and_dilated_convolutions_take_the_plain_path():
 
 @pytest.mark.parametrize("devices", [1, 2])
 def test_weight_gradient_by_image_matches_oracle(devices):
-  """With the batch split over `devices`, large layers' weight gradients are summed image by image."""
+  """With the batch split over `devices`, large layers' weight
+  gradients are summed image by image."""
   rng = np.random.default_rng(devices)
   x, w = rng.normal(size=(4, 64, 64, 3)), rng.normal(size=(3, 3, 3, 2))
   g = rng.normal(size=(4, 64, 64, 2))
@@ -110,22 +115,31 @@ def test_weight_gradient_by_image_matches_oracle(devices):
   np.testing.assert_allclose(dw, want_dw, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("size,cin,cout,convolutions_wanted", [(20, 6, 5, 2), (8, 6, 5, 1), (20, 16, 2, 0)])
+@pytest.mark.parametrize(
+  "size,cin,cout,convolutions_wanted", [(20, 6, 5, 2), (8, 6, 5, 1), (20, 16, 2, 0)]
+)
 def test_upsampled_conv2d_equals_the_plain_path(size, cin, cout, convolutions_wanted):
   """Layers with more than 16x16 outputs convolve the low-resolution block at its own resolution by
-  phases (two convolutions, no upsampled input): values and gradients as upsample-concatenate-convolve.
-  Smaller layers (one convolution) and few-output layers (none) upsample it."""
+  phases (two convolutions, no upsampled input): values and gradients as
+  upsample-concatenate-convolve. Smaller layers (one convolution) and few-output layers (none)
+  upsample it."""
   rng = np.random.default_rng(size)
   low = rng.normal(size=(2, size // 2, size // 2 + 1, cin))
   rest = rng.normal(size=(2, size, size + 2, 3))
   kernel = rng.normal(size=(3, 3, cin + 3, cout))
   pads = ((1, 1), (1, 1))
-  loss = lambda kernels: lambda *a: jnp.sum(jnp.sin(kernels.upsampled_conv2d(*a, (1, 1), pads)))  # noqa: E731
+
+  def loss(kernels):
+    return lambda *a: jnp.sum(jnp.sin(kernels.upsampled_conv2d(*a, (1, 1), pads)))
+
   with jax.enable_x64(True):
     got = CPU.upsampled_conv2d(low, rest, kernel, (1, 1), pads)
-    np.testing.assert_allclose(got, XLA.upsampled_conv2d(low, rest, kernel, (1, 1), pads), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+      got, XLA.upsampled_conv2d(low, rest, kernel, (1, 1), pads), rtol=1e-10, atol=1e-10
+    )
     for got, want in zip(
-      jax.grad(loss(CPU), (0, 1, 2))(low, rest, kernel), jax.grad(loss(XLA), (0, 1, 2))(low, rest, kernel)
+      jax.grad(loss(CPU), (0, 1, 2))(low, rest, kernel),
+      jax.grad(loss(XLA), (0, 1, 2))(low, rest, kernel),
     ):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     forward = lambda *a: CPU.upsampled_conv2d(*a, (1, 1), pads)  # noqa: E731
@@ -133,8 +147,8 @@ def test_upsampled_conv2d_equals_the_plain_path(size, cin, cout, convolutions_wa
 
 
 def max_pool_oracle(x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """2x2 stride-2 VALID max pooling and its gradient, sent to each window's first maximum in row-major
-  order."""
+  """2x2 stride-2 VALID max pooling and its gradient, sent to each
+  window's first maximum in row-major order."""
   y, dx = np.zeros(g.shape), np.zeros(x.shape)
   for n, i, j, k in np.ndindex(*g.shape):
     window = [(2 * i + di, 2 * j + dj) for di in (0, 1) for dj in (0, 1)]
@@ -144,12 +158,14 @@ def max_pool_oracle(x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return y, dx
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])  # Even, and odd (last row/column dropped).
+# Even, and odd (last row/column dropped).
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 9, 2)])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_max_pool_values_and_gradient_with_ties(shape, impl):
   kernels = IMPLEMENTATIONS[impl]
   rng = np.random.default_rng(0)
-  x = np.round(rng.normal(size=shape) * 1.5).clip(0, None)  # ReLU-like: many exact ties, at 0 and above.
+  # ReLU-like: many exact ties, at 0 and above.
+  x = np.round(rng.normal(size=shape) * 1.5).clip(0, None)
   out_shape = (shape[0], shape[1] // 2, shape[2] // 2, shape[3])
   g = rng.normal(size=out_shape)
   y, vjp = jax.vjp(kernels.max_pool_2x2, jnp.asarray(x, jnp.float32))

@@ -1,11 +1,12 @@
-"""Winograd's F(4x4, 3x3): exact in float64, and the CPU engine's use of it against the float64 oracle."""
+"""Winograd's F(4x4, 3x3): exact in float64, and the CPU engine's
+use of it against the float64 oracle."""
 
+from conv_oracles import conv_gradients_oracle, conv_oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conv_oracles import conv_gradients_oracle, conv_oracle
 from pconv_jax.kernels import CpuKernels, winograd
 
 
@@ -13,8 +14,8 @@ from pconv_jax.kernels import CpuKernels, winograd
   "batch,height,width,cin,cout", [(1, 4, 4, 1, 1), (2, 7, 10, 3, 5), (1, 13, 8, 4, 6)]
 )
 def test_conv3x3_is_exact_in_float64(batch, height, width, cin, cout):
-  """F(4x4, 3x3) is an exact algorithm: in float64 it equals the convolution's definition to rounding,
-  for sizes that are and are not multiples of the 4x4 tile."""
+  """F(4x4, 3x3) is an exact algorithm: in float64 it equals the convolution's definition to
+  rounding, for sizes that are and are not multiples of the 4x4 tile."""
   rng = np.random.default_rng([batch, height, width])
   x, w = rng.normal(size=(batch, height, width, cin)), rng.normal(size=(3, 3, cin, cout))
   with jax.enable_x64(True):
@@ -26,15 +27,17 @@ def test_conv3x3_is_exact_in_float64(batch, height, width, cin, cout):
 def test_applies_to_wide_float32_layers_only():
   assert winograd.is_faster((3, 64, 64, 256), (3, 3, 256, 256), jnp.float32)  # VGG's conv3 block.
   assert winograd.is_faster((2, 128, 128, 64), (3, 3, 64, 128), jnp.float32)  # conv2_1.
-  assert not winograd.is_faster((2, 256, 256, 64), (3, 3, 64, 64), jnp.float32)  # conv1_2: too narrow.
-  assert not winograd.is_faster((2, 16, 16, 512), (3, 3, 512, 512), jnp.float32)  # Too few positions.
+  # conv1_2: too narrow.
+  assert not winograd.is_faster((2, 256, 256, 64), (3, 3, 64, 64), jnp.float32)
+  # Too few positions.
+  assert not winograd.is_faster((2, 16, 16, 512), (3, 3, 512, 512), jnp.float32)
   assert not winograd.is_faster((3, 64, 64, 256), (3, 3, 256, 256), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("devices,batch", [(1, 1), (1, 3), (2, 4)])
 def test_cpu_conv2d_and_gradients_match_oracle(devices, batch):
-  """float32 layers that the CPU engine computes by Winograd (forward and input gradient, one image per
-  device at a time) against the float64 definition, to float32 rounding."""
+  """float32 layers that the CPU engine computes by Winograd (forward and input gradient, one image
+  per device at a time) against the float64 definition, to float32 rounding."""
   rng = np.random.default_rng([devices, batch])
   x, w = rng.normal(size=(batch, 34, 37, 64)), rng.normal(size=(3, 3, 64, 128)) / 24
   g = rng.normal(size=(batch, 34, 37, 128))
