@@ -43,8 +43,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 def normalize_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
-  """'SAME'/'VALID' or ((top, bottom), (left, right)) from an int,
-  a per-dimension pair, or pairs."""
+  """'SAME'/'VALID' or ((top, bottom), (left, right)) from an int, a pair or pairs."""
   if isinstance(padding, str) and padding.upper() in ("SAME", "VALID"):
     return padding.upper()
   if isinstance(padding, int):
@@ -74,8 +73,8 @@ def window_sum(
   padding: Padding,
   dilation: tuple[int, int],
 ) -> Array:
-  """Sum of `channel_sum` (B, H, W, 1) over each output's kernel window (zero padding), (B, H', W',
-  1): the valid inputs under each window, any channel of the reference's `conv(mask, ones)`.
+  """The valid inputs under each window, (B, H', W', 1): `channel_sum` (B, H, W, 1) summed over each
+  output's kernel window (zero padding), any channel of the reference's `conv(mask, ones)`.
 
   A box filter, separable: sums of shifted strided slices along H, then along W. Exact for the
   integer counts it sees (float32 up to 2^24), and 10-30x faster on CPU than a convolution with a
@@ -128,8 +127,7 @@ def partial_conv(
   upsample_first: bool = False,
   kernels: Kernels = XLA,
 ) -> tuple[Array, Array]:
-  """Partial convolution of NHWC `x` with HWIO `kernel`; returns (output, new_mask with one
-  channel).
+  """Partial convolution of NHWC `x` with HWIO `kernel`: (output, new mask with one channel).
 
   `mask=None` means every input pixel is valid (the window counts still see the zero padding as
   holes, as in the reference). The output has x's dtype; the mask path runs in float32, or float64

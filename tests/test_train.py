@@ -96,7 +96,7 @@ def random_vgg_variables(seed=0):
 def test_eight_devices_match_one_device_with_the_full_loss():
   config = tiny_config.get_config()
   vgg_variables = random_vgg_variables()
-  losses, params = {}, {}
+  losses, trained = {}, {}
   for devices in (1, 8):
     mesh = parallel.create_mesh(devices)
     model, state, batches = make_state_and_batches(config, mesh, 3)
@@ -109,11 +109,25 @@ def test_eight_devices_match_one_device_with_the_full_loss():
       losses[devices].append(float(metrics["loss"]))
       assert float(metrics["style_out"]) > 0 and float(metrics["perceptual"]) > 0
     assert len(state.params["encoder"]["block_1"]["conv"]["kernel"].sharding.device_set) == devices
-    params[devices] = jax.device_get(state.params)
+    trained[devices] = jax.device_get((state.params, state.opt_state[0].mu))
   np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+  # Adam's first moment (a running mean of the gradients, summed in another order on 8 devices, with
+  # cancellation in the biases') agrees to 1e-3 of each leaf's scale.
   jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params[8], params[1]
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max()),
+    trained[8][1],
+    trained[1][1],
   )
+  # Adam moves each element by about the learning rate whatever its gradient's size, so the few
+  # elements whose gradient is at rounding level can step either way (at most 2 lr a step apart);
+  # the others agree to a small fraction of one step.
+  lr = config.stages.initial_lr
+
+  def assert_params_agree(a, b):
+    assert np.abs(a - b).max() <= 2 * len(batches) * lr
+    assert np.mean(np.isclose(a, b, rtol=1e-4, atol=0.05 * lr)) >= 0.99
+
+  jax.tree.map(assert_params_agree, trained[8][0], trained[1][0])
   assert losses[1][0] != losses[1][2]
 
 

@@ -121,8 +121,7 @@ def _xla_conv(
 def _matmul_conv(
   x: Array, kernel: Array, strides: tuple[int, int], padding: Pads, precision: Any = None
 ) -> Array:
-  """The same convolution as one matrix product of the kernel with
-  the input's patches (taps x channels)."""
+  """The same convolution as one matrix product of the kernel with the input's patches."""
   kh, kw, cin, cout = kernel.shape
   (sh, sw), (top, bottom), (left, right) = strides, padding[0], padding[1]
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
@@ -144,8 +143,7 @@ def _matmul_conv(
 
 
 def _few_outputs(kernel: Array) -> bool:
-  """Whether taps x outputs < inputs (the U-Net's last layer:
-  9 x 3 < 67), where per-tap products win."""
+  """Whether taps x outputs < inputs (the U-Net's last layer: 9 x 3 < 67): per-tap products win."""
   kh, kw, cin, cout = kernel.shape
   return kh * kw * cout < cin
 
@@ -387,8 +385,7 @@ def _interleave_phases(by_phase: Array, height: int, width: int) -> Array:
 
 
 def _windows(x: Array) -> Array:
-  """(B, H, W, C) -> (B, H/2, 2, W/2, 2, C), dropping an odd last
-  row or column as VALID pooling does."""
+  """(B, H, W, C) -> (B, H/2, 2, W/2, 2, C), without an odd last row or column (VALID pooling)."""
   b, h, w, c = x.shape
   return x[:, : h - h % 2, : w - w % 2].reshape(b, h // 2, 2, w // 2, 2, c)
 
