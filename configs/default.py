@@ -20,6 +20,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.partial = (
     True  # False: the paper's "Conv" baseline (plain convolutions, holes filled).
   )
+  # The variants of published networks (pconv_jax.models.PUNet, pconv_jax.published); the defaults
+  # are the paper's network. `python -m pconv_jax.convert` records them with converted weights.
+  config.model.output_activation = "tanh"  # "tanh" | "linear" | "sigmoid"
+  config.model.conv_bias = "last"  # Which convolutions have a bias: "last" | "without_bn" | "all".
+  config.model.hole_bias = False  # The bias also where a window sees no valid input (Keras).
+  config.model.first_bn = False  # BatchNorm also in the first encoder block.
+  config.model.bn_epsilon = 1e-5
+  config.model.head = False  # A 1x1 convolution after the decoder (PConv-Keras).
+  # The range the weights were trained on: per-channel mean/std on [0, 1] (None: [-1, 1]), and the
+  # channel order. The network maps [-1, 1] RGB into it and its outputs back.
+  config.model.input_mean = ml_collections.config_dict.placeholder(tuple)
+  config.model.input_std = ml_collections.config_dict.placeholder(tuple)
+  config.model.channel_order = "RGB"
   config.model.dtype = (
     "float32"  # Activation dtype; "bfloat16" for mixed precision. Params stay float32.
   )

@@ -1,159 +1,184 @@
-"""PyTorch PConv U-Net weights -> Flax variables for `pconv_jax.models.PUNet`.
+"""Published PConv U-Net weights -> an orbax checkpoint of `pconv_jax.models.PUNet`.
 
-The PyTorch network is the one in the project summary: blocks `ec_images_{i}` and `dc_images_{i}`,
-each with a `conv` (PartialConv2d, weight OIHW, bias only in `dc_images_1`) and, except
-`ec_images_1` and `dc_images_1`, a `bn` (BatchNorm2d). Depth, widths and kernel sizes are read from
-the weights.
+    python -m pconv_jax.convert FILE OUT_DIR [--source NAME]
+    python -m pconv_jax.convert fetch NAME [OUT_DIR]
 
-CLI: `python -m pconv_jax.convert IN.pth OUT_DIR` writes an orbax checkpoint that
-`checkpoints.load_model`, evaluation and inference read.
+FILE is a PyTorch `.pth` (a state dict, or a training checkpoint holding one under `state_dict`,
+`model` or `generator`; `module.` and `generator.` prefixes are dropped) or a Keras `.h5`. Its
+layout (`pconv_jax.published.LAYOUTS`) is recognised from its weight names, or forced with
+`--source`. The
+checkpoint records the network's variant (output activation, biases, BatchNorm, input range and
+channel order) with the weights, so inference, evaluation and `stages.finetune_from` run the network
+as its authors did. `fetch` downloads a published model (`pconv_jax.published.MODELS`) into the
+cache, checks the hash its authors published where there is one, and converts it.
 """
 
 import argparse
-from collections.abc import Mapping
-import re
+from collections.abc import Sequence
+import importlib.util
+import os
+from pathlib import Path
+import sys
 from typing import Any
 
+from absl import logging
 from etils import epath
-import flax
-import jax
+import h5py
 import numpy as np
 
-from pconv_jax import checkpoints, models, weights
+from pconv_jax import checkpoints, published, weights
 from pconv_jax.errors import UserError
+from pconv_jax.published import ConversionError, Layout
 
-_KEY = re.compile(r"^(ec|dc)_images_(\d+)\.(conv|bn)\.(weight|bias|running_mean|running_var)$")
-_IGNORED = re.compile(r"\.num_batches_tracked$")
-_LEAF = {
-  ("conv", "weight"): ("params", "kernel"),
-  ("conv", "bias"): ("params", "bias"),
-  ("bn", "weight"): ("params", "scale"),
-  ("bn", "bias"): ("params", "bias"),
-  ("bn", "running_mean"): ("batch_stats", "mean"),
-  ("bn", "running_var"): ("batch_stats", "var"),
-}
+_MISSING_TORCH = ConversionError(
+  "Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel)."
+)
 
 
-class ConversionError(UserError, ValueError):
-  """The weights are not a PConv U-Net state dict, or the file cannot be read."""
+def _unreadable(where: str, problem: str) -> ConversionError:
+  return ConversionError(f"{where} {problem}.")
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-  if hasattr(value, "detach"):  # A torch tensor; torch itself is never imported here.
-    value = value.detach().cpu().numpy()
-  return np.asarray(value)
+def read_weights(path: str | os.PathLike) -> tuple[str, published.Arrays]:
+  """(container, weights) of a file: ("keras", {"layer/weight": array}) for HDF5 files, else
+  ("torch", the state dict `published.clean`ed)."""
+  path = Path(path).expanduser()
+  if not path.is_file():
+    raise ConversionError(f"{path}: no such file.")
+  if h5py.is_hdf5(path):
+    layers = weights.read_keras_layers(path, _unreadable)
+    return "keras", {f"{layer}/{name}": v for layer, ws in layers.items() for name, v in ws.items()}
+  return "torch", published.clean(weights.read_torch_state_dict(path, _MISSING_TORCH, _unreadable))
 
 
-def _clean(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Numpy values, without `module.` prefixes (DataParallel) and BatchNorm step counters."""
-  return {
-    key.removeprefix("module."): _to_numpy(value)
-    for key, value in state_dict.items()
-    if not _IGNORED.search(key)
-  }
-
-
-def torch_model_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """The PUNet config (depth, features, kernel_sizes) that the weights in `state_dict` belong to."""
-  arrays = _clean(state_dict)
-  encoder = {
-    int(m.group(2)): arrays[key]
-    for key in arrays
-    if (m := _KEY.match(key))
-    and m.group(1) == "ec"
-    and m.group(3) == "conv"
-    and m.group(4) == "weight"
-  }
-  depth = len(encoder)
-  if depth == 0 or sorted(encoder) != list(range(1, depth + 1)):
-    raise ConversionError(
-      "Not a PConv U-Net state dict: expected keys ec_images_1.conv.weight ... "
-      "ec_images_N.conv.weight, "
-      f"found encoder levels {sorted(encoder)} among keys {sorted(arrays)[:8]}..."
-    )
-  return {
-    "depth": depth,
-    "features": [int(encoder[i].shape[0]) for i in range(1, depth + 1)],
-    "kernel_sizes": [int(encoder[i].shape[-1]) for i in range(1, depth + 1)],
-    "partial": True,
-  }
-
-
-def from_torch_punet(state_dict: Mapping[str, Any], dtype: Any = np.float32) -> dict[str, Any]:
-  """Flax variables {'params', 'batch_stats'} for `PUNet` from a PyTorch PConv U-Net state dict.
-
-  Values may be numpy arrays or torch tensors. Raises a ConversionError listing every missing,
-  unexpected or wrongly shaped key.
-  """
-  arrays = _clean(state_dict)
-  model = models.create_model(torch_model_config(arrays))
-  expected = flax.traverse_util.flatten_dict(
-    checkpoints.abstract_variables(model, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  )
-
-  flat, unexpected, wrong_shape = {}, [], {}
-  for key, value in arrays.items():
-    match = _KEY.match(key)
-    side, level, layer, name = match.groups() if match else (None,) * 4
-    collection, leaf = _LEAF.get((layer, name), (None, None))
-    path = (collection, "encoder" if side == "ec" else "decoder", f"block_{level}", layer, leaf)
-    if path not in expected:
-      unexpected.append(key)
-      continue
-    if value.ndim == 4:  # OIHW -> HWIO
-      value = value.transpose(2, 3, 1, 0)
-    if value.shape != expected[path].shape:
-      wrong_shape[path] = (
-        f"{key} {value.shape} (as Flax {'/'.join(path)}, which is {expected[path].shape})"
+def convert_weights(
+  arrays: published.Arrays, container: str, source: str | None = None, dtype: Any = np.float32
+) -> tuple[Layout, dict, dict]:
+  """(layout, model config, Flax variables) of weights read by `read_weights`: the layout named
+  `source`, or the one recognised from the weight names."""
+  if source is None:
+    layout = published.detect(arrays, container)
+  else:
+    layout = published.LAYOUTS[source]
+    if layout.container != container:
+      raise ConversionError(
+        f"--source {source} ({layout.project}) reads {layout.container} files, not {container}."
       )
-      continue
-    flat[path] = value.astype(dtype)
+  config, variables = layout.convert(arrays, dtype)
+  return layout, config, variables
 
-  missing = ["/".join(path) for path in expected if path not in flat and path not in wrong_shape]
-  problems = []
-  if unexpected:
-    problems.append(f"unexpected keys {sorted(unexpected)}")
-  if wrong_shape:
-    problems.append(f"wrong shapes {list(wrong_shape.values())}")
-  if missing:
-    problems.append(f"nothing for the Flax variables {sorted(missing)}")
-  if problems:
+
+def convert_file(
+  path: str | os.PathLike, out_dir: str | os.PathLike, source: str | None = None, **meta: Any
+) -> tuple[Layout, epath.Path]:
+  """Converts a weight file to a checkpoint in `out_dir` (which must not hold one yet); returns the
+  layout found and the checkpoint step's path. `meta` is stored beside the weights."""
+  if (epath.Path(out_dir) / "0").exists():
+    raise ConversionError(f"{out_dir} already holds a checkpoint: choose a new directory.")
+  container, arrays = read_weights(path)
+  layout, config, variables = convert_weights(arrays, container, source)
+  digest = weights.file_digests(Path(path).expanduser())["sha256"]
+  saved = checkpoints.save_model(
+    out_dir,
+    variables,
+    config,
+    source=str(path),
+    source_sha256=digest,
+    layout=layout.name,
+    project=layout.project,
+    **meta,
+  )
+  return layout, saved
+
+
+def fetch(
+  name: str,
+  out_dir: str | os.PathLike | None = None,
+  url: str | None = None,
+  sha256: str | None = None,
+) -> tuple[Layout, epath.Path]:
+  """Downloads the published model `name` into the cache (once), verifies it, and converts it to a
+  checkpoint in `out_dir` (default: the cache's `models/NAME`); returns like `convert_file`.
+
+  `url` replaces the published address (a mirror, or `file://`), `sha256` the published hash.
+  """
+  model = published.MODELS[name]
+  out_dir = Path(out_dir) if out_dir else weights.cache_dir() / "models" / name
+  if not model.direct and url is None:
     raise ConversionError(
-      f"Cannot convert the state dict to PUNet(depth={model.depth}): " + "; ".join(problems)
+      f"{name} ({model.data}) is on Google Drive, which has no stable download link: open "
+      f"{model.url} in a browser, download the file, then run `python -m pconv_jax.convert FILE "
+      f"{out_dir}`."
     )
-  return flax.traverse_util.unflatten_dict(flat)
+  if model.layout != "keras" and importlib.util.find_spec("torch") is None:
+    raise _MISSING_TORCH  # Before the download, not after.
+  raw = weights.cache_dir() / "published" / model.filename
+  if not raw.is_file():
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    expected = {"sha256": sha256 or model.sha256_prefix} if sha256 or model.sha256_prefix else {}
+    digests = weights.download(url or model.url, raw, expected, ConversionError)
+    if not expected:
+      logging.warning(
+        "%s publishes no hash for %s: not verified (SHA-256 %s, recorded in the checkpoint).",
+        published.LAYOUTS[model.layout].project,
+        model.filename,
+        digests["sha256"],
+      )
+  return convert_file(raw, out_dir, model.layout, published_model=name)
 
 
-def load_torch_state_dict(path: str) -> dict[str, Any]:
-  """Reads a .pth file: a state dict, or a training checkpoint
-  holding one under 'state_dict' or 'model'."""
-  missing_torch = ConversionError(
-    "Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel)."
+def _convert_main(argv: Sequence[str]) -> tuple[Layout, epath.Path]:
+  parser = argparse.ArgumentParser(
+    prog="python -m pconv_jax.convert",
+    description="Convert a published PConv U-Net (.pth or Keras .h5) to an orbax checkpoint.",
+    epilog="`python -m pconv_jax.convert fetch NAME [OUT_DIR]` downloads and converts "
+    f"{', '.join(published.MODELS)}.",
   )
-  return weights.read_torch_state_dict(
-    path, missing_torch, lambda where, problem: ConversionError(problem)
-  )
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("torch_file", help="PyTorch .pth file of the PConv U-Net")
+  parser.add_argument("file", help="the weight file (.pth, .h5)")
+  parser.add_argument("out_dir", help="directory for the checkpoint (must not hold one yet)")
   parser.add_argument(
-    "out_dir", help="directory for the orbax checkpoint (must not hold step 0 yet)"
+    "--source", choices=sorted(published.LAYOUTS), help="the layout (default: recognised)"
   )
   args = parser.parse_args(argv)
-  try:
-    state_dict = load_torch_state_dict(args.torch_file)
-    variables = from_torch_punet(state_dict)
-    if (epath.Path(args.out_dir) / "0").exists():
-      raise ConversionError(f"{args.out_dir} already holds a checkpoint: choose a new directory.")
-  except UserError as error:
-    raise SystemExit(f"error: {args.torch_file}: {error}") from error
-  path = checkpoints.save_model(
-    args.out_dir, variables, torch_model_config(state_dict), source=args.torch_file
+  return convert_file(args.file, args.out_dir, args.source)
+
+
+def _fetch_main(argv: Sequence[str]) -> tuple[Layout, epath.Path]:
+  parser = argparse.ArgumentParser(
+    prog="python -m pconv_jax.convert fetch",
+    description="Download a published PConv U-Net and convert it to an orbax checkpoint.",
+    epilog="\n".join(
+      f"{name}: {published.LAYOUTS[m.layout].project}, {m.data}; licence {m.licence}"
+      for name, m in published.MODELS.items()
+    ),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  print(f"Wrote {path}")
+  parser.add_argument("name", choices=list(published.MODELS))
+  parser.add_argument("out_dir", nargs="?", help="checkpoint directory (default: in the cache)")
+  parser.add_argument("--url", help="download from here instead (a mirror, or file:///path)")
+  parser.add_argument("--sha256", help="expected SHA-256 of that file, replacing the published one")
+  args = parser.parse_args(argv)
+  print(f"Fetching {args.name} ...", flush=True)
+  return fetch(args.name, args.out_dir, args.url, args.sha256)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    if argv[:1] == ["fetch"]:
+      layout, saved = _fetch_main(argv[1:])
+    else:
+      layout, saved = _convert_main(argv)
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(f"Found the {layout.name} layout ({layout.project}); wrote {saved}.")
+  print(
+    f"Inpaint with: python -m pconv_jax.inpaint --checkpoint {saved.parent} --image IMAGE "
+    "--mask MASK --output OUT.png"
+  )
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -43,7 +43,6 @@ from typing import Any
 from absl import logging
 from flax import traverse_util
 import flax.linen as nn
-import h5py
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -412,25 +411,12 @@ def load_torch_pth(path: str | os.PathLike) -> Inception:
   )
 
 
-def _numbered_groups(root: h5py.Group, base: str) -> list[h5py.Group]:
-  """Groups `base`, `base_1`, `base_2`, ... sorted by their number
+def _numbered(layers: Mapping[str, Any], base: str) -> list[str]:
+  """Layer names `base`, `base_1`, `base_2`, ... sorted by their number
   (Keras numbers layers in creation order)."""
   pattern = re.compile(rf"{base}(?:_(\d+))?")
-  numbered = [(int(m.group(1) or 0), name) for name in root if (m := pattern.fullmatch(name))]
-  return [root[name] for _, name in sorted(numbered)]
-
-
-def _datasets(group: h5py.Group) -> dict[str, np.ndarray]:
-  """{dataset name's last part without ':0' (e.g. 'kernel', 'moving_mean'):
-  array} of the datasets under `group`."""
-  found = {}
-
-  def visit(name: str, item: Any) -> None:
-    if isinstance(item, h5py.Dataset):
-      found[name.rsplit("/", 1)[-1].split(":")[0]] = np.asarray(item)
-
-  group.visititems(visit)
-  return found
+  numbered = [(int(m.group(1) or 0), name) for name in layers if (m := pattern.fullmatch(name))]
+  return [name for _, name in sorted(numbered)]
 
 
 def load_keras_h5(path: str | os.PathLike) -> Inception:
@@ -443,51 +429,40 @@ def load_keras_h5(path: str | os.PathLike) -> Inception:
   """
   where = str(path)
   shapes = conv_shapes()
-  try:
-    with h5py.File(path, "r") as f:
-      root = f["model_weights"] if "model_weights" in f else f
-      conv_groups, bn_groups = (
-        _numbered_groups(root, "conv2d"),
-        _numbered_groups(root, "batch_normalization"),
+  layers = weights.read_keras_layers(path, lambda where, problem: _error(where, problem, "keras"))
+  conv_names, bn_names = _numbered(layers, "conv2d"), _numbered(layers, "batch_normalization")
+  if len(conv_names) != len(shapes) or len(bn_names) != len(shapes) or "predictions" not in layers:
+    raise _error(
+      where,
+      f"has {len(conv_names)} conv2d and {len(bn_names)} batch_normalization layers "
+      f"{'and' if 'predictions' in layers else 'and no'} 'predictions' layer; Keras' InceptionV3 "
+      f"with top has {len(shapes)}, {len(shapes)} and one",
+      "keras",
+    )
+  convs = {}
+  for conv_path, conv_name, bn_name in zip(shapes, conv_names, bn_names):
+    conv, bn = layers[conv_name], layers[bn_name]
+    missing = [k for k in ("beta", "moving_mean", "moving_variance") if k not in bn]
+    if "kernel" not in conv or missing:
+      raise _error(
+        where,
+        f"layers {conv_name}/{bn_name} lack "
+        f"{(['kernel'] if 'kernel' not in conv else []) + missing}",
+        "keras",
       )
-      if (
-        len(conv_groups) != len(shapes)
-        or len(bn_groups) != len(shapes)
-        or "predictions" not in root
-      ):
-        raise _error(
-          where,
-          f"has {len(conv_groups)} conv2d and {len(bn_groups)} batch_normalization layers "
-          f"{'and' if 'predictions' in root else 'and no'} 'predictions' layer; Keras' InceptionV3 "
-          f"with top has {len(shapes)}, {len(shapes)} and one",
-          "keras",
-        )
-      convs = {}
-      for conv_path, conv_group, bn_group in zip(shapes, conv_groups, bn_groups):
-        conv, bn = _datasets(conv_group), _datasets(bn_group)
-        missing = [k for k in ("beta", "moving_mean", "moving_variance") if k not in bn]
-        if "kernel" not in conv or missing:
-          raise _error(
-            where,
-            f"layers {conv_group.name}/{bn_group.name} lack "
-            f"{(['kernel'] if 'kernel' not in conv else []) + missing}",
-            "keras",
-          )
-        convs[conv_path] = _fold(
-          conv_path,
-          conv["kernel"],
-          bn.get("gamma"),
-          bn["beta"],
-          bn["moving_mean"],
-          bn["moving_variance"],
-          where,
-          "keras",
-        )
-      dense = _datasets(root["predictions"])
-      if "kernel" not in dense or "bias" not in dense:
-        raise _error(where, "layer 'predictions' lacks its kernel or bias", "keras")
-  except OSError as e:
-    raise _error(where, f"cannot be read as an HDF5 file ({e})", "keras") from e
+    convs[conv_path] = _fold(
+      conv_path,
+      conv["kernel"],
+      bn.get("gamma"),
+      bn["beta"],
+      bn["moving_mean"],
+      bn["moving_variance"],
+      where,
+      "keras",
+    )
+  dense = layers["predictions"]
+  if "kernel" not in dense or "bias" not in dense:
+    raise _error(where, "layer 'predictions' lacks its kernel or bias", "keras")
   return _build(convs, dense["kernel"], dense["bias"], "keras", where)
 
 

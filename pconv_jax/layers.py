@@ -7,6 +7,9 @@ kernel W, bias b, with count = conv(M, ones) the valid inputs under each window,
     output   = (conv(X * M, W) * ratio + b) * clip(count, 0, 1)    (no bias: conv(X * M, W) * ratio)
     new_mask = clip(count, 0, 1)
 
+(`hole_bias=True` leaves out the last factor for the bias: `conv(X * M, W) * ratio + b`, the bias
+also where a window sees no valid input, as PConv-Keras' layer computes.)
+
 The reference's multi-channel mask update convolves M with a (Cout, Cin, k, k) all-ones kernel,
 whose output channels are all the same number: here the mask is summed over channels once and
 window-summed, identical counts at a (Cout * Cin)-th of the cost; the new mask has one channel (it
@@ -125,6 +128,7 @@ def partial_conv(
   eps: float = 1e-8,
   precision: Any = None,
   upsample_first: bool = False,
+  hole_bias: bool = False,
   kernels: Kernels = XLA,
 ) -> tuple[Array, Array]:
   """Partial convolution of NHWC `x` with HWIO `kernel`: (output, new mask with one channel).
@@ -139,7 +143,7 @@ def partial_conv(
   connection). With `upsample_first`, the first block and its mask are given at half the others'
   height and width and are upsampled x2 (nearest, `upsample2x`) before the concatenation: a
   decoder's "upsample, concatenate, convolve" in one call, so that `kernels` may convolve that block
-  at its own resolution.
+  at its own resolution. `hole_bias` adds the bias also where the new mask is 0.
   """
   kh, kw, in_features, _ = kernel.shape
   is_blocks = isinstance(x, (list, tuple))
@@ -178,7 +182,9 @@ def partial_conv(
   raw = _convolve(masked, kernel, upsample_first, kernels, **conv)
   out = raw.astype(mask_dtype) * ratio
   if bias is not None:
-    out = (out + bias.astype(mask_dtype)) * new_mask
+    out = out + bias.astype(mask_dtype)
+    if not hole_bias:
+      out = out * new_mask
   new_mask = jnp.broadcast_to(new_mask, (raw.shape[0],) + new_mask.shape[1:])
   return out.astype(raw.dtype), new_mask
 
@@ -262,6 +268,7 @@ class PartialConv(_ConvModule):
     multi_channel: the mask has one value per input channel (the reference's `multi_channel=True`);
       otherwise one mask channel shared by all input channels.
     eps: the reference's 1e-8 in `window_size / (count + eps)`.
+    hole_bias: add the bias also where the window has no valid input (PConv-Keras' layer).
     upsample_first: the first channel block and its mask come at half resolution, to be upsampled x2
       (nearest) before the convolution (a U-Net decoder; see `partial_conv`).
     kernels: the data convolution's implementation (`pconv_jax.kernels`); the mask path is the same
@@ -270,6 +277,7 @@ class PartialConv(_ConvModule):
 
   multi_channel: bool = False
   eps: float = 1e-8
+  hole_bias: bool = False
 
   @nn.compact
   def __call__(
@@ -277,7 +285,9 @@ class PartialConv(_ConvModule):
   ) -> tuple[Array, Array]:
     blocks, kernel, bias = self._blocks_kernel_bias(x)
     x = blocks if isinstance(x, (list, tuple)) else blocks[0]
-    options = dict(multi_channel=self.multi_channel, eps=self.eps, kernels=self.kernels)
+    options = dict(
+      multi_channel=self.multi_channel, eps=self.eps, hole_bias=self.hole_bias, kernels=self.kernels
+    )
     return partial_conv(
       x, mask, kernel, bias, upsample_first=self.upsample_first, **options, **self._conv_args()
     )

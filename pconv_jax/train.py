@@ -194,6 +194,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.model.dtype must be float32, bfloat16 or float16, got {config.model.dtype!r}."
     )
+  try:
+    models.create_model(config.model).check_variant()
+  except ValueError as error:
+    raise ConfigError(str(error).replace("PUNet.", "config.model.") + ".") from error
   if config.model.conv_impl not in kernels.CONV_IMPLS:
     raise ConfigError(
       f"config.model.conv_impl must be one of {kernels.CONV_IMPLS}, got {config.model.conv_impl!r}."
@@ -414,11 +418,22 @@ def _check_architecture(
   meta: Mapping[str, Any], config: ml_collections.ConfigDict, what: str
 ) -> None:
   saved, wanted = models.architecture(meta["model"]), models.architecture(config.model)
-  if saved != wanted:
+  differing = [name for name in saved if saved[name] != wanted[name]]
+  if differing:
+    config_has = ", ".join(f"{name}={wanted[name]!r}" for name in differing)
+    flags = " ".join(f"--config.model.{name}={_flag(saved[name])}" for name in differing)
     raise ConfigError(
-      f"config.model {wanted} does not fit {what}, which holds {saved}: use the checkpoint's "
-      "model settings, or another workdir to train a different network."
+      f"config.model does not fit {what}, which holds another network (the config has "
+      f"{config_has}): use the checkpoint's model settings ({flags}), or another workdir to train "
+      "a different network."
     )
+
+
+def _flag(value: Any) -> str:
+  """A value as a command-line config override spells it."""
+  if isinstance(value, (list, tuple)):
+    return "'(" + ",".join(map(str, value)) + ",)'"
+  return str(value)
 
 
 def make_train_step(

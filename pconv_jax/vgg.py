@@ -36,7 +36,6 @@ from typing import Any, NoReturn
 
 from absl import logging
 import flax.linen as nn
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,33 +249,21 @@ def load_keras_h5(path: str | os.PathLike) -> Variables:
   RGB.
   """
   where = str(path)
+  layers = weights.read_keras_layers(path, lambda where, problem: _error(where, problem, "keras"))
   convs = {}
-  try:
-    with h5py.File(path, "r") as f:
-      root = f["model_weights"] if "model_weights" in f else f
-      for name, cin, cout in CONVS:
-        layer = f"block{name[4]}_conv{name[6]}"
-        if layer not in root:
-          raise _error(where, f"has no layer group {layer!r} ({name})", "keras")
-        datasets = []
-        root[layer].visititems(
-          lambda _, item: datasets.append(item) if isinstance(item, h5py.Dataset) else None
-        )
-        kernels = [d for d in datasets if d.ndim == 4]
-        biases = [d for d in datasets if d.ndim == 1]
-        if len(kernels) != 1 or len(biases) != 1:
-          raise _error(
-            where, f"layer {layer!r} does not hold exactly one kernel and one bias", "keras"
-          )
-        kernel = np.asarray(kernels[0], np.float32)
-        _expect_shape(
-          kernel, (3, 3, cin, cout), f"{layer} kernel (kh, kw, cin, cout)", where, "keras"
-        )
-        if name == "conv1_1":
-          kernel = kernel[:, :, ::-1, :]
-        convs[name] = (kernel, np.asarray(biases[0], np.float32))
-  except OSError as e:
-    raise _error(where, f"cannot be read as an HDF5 file ({e})", "keras") from e
+  for name, cin, cout in CONVS:
+    layer = f"block{name[4]}_conv{name[6]}"
+    if layer not in layers:
+      raise _error(where, f"has no layer group {layer!r} ({name})", "keras")
+    kernels = [d for d in layers[layer].values() if d.ndim == 4]
+    biases = [d for d in layers[layer].values() if d.ndim == 1]
+    if len(kernels) != 1 or len(biases) != 1:
+      raise _error(where, f"layer {layer!r} does not hold exactly one kernel and one bias", "keras")
+    kernel = kernels[0].astype(np.float32)
+    _expect_shape(kernel, (3, 3, cin, cout), f"{layer} kernel (kh, kw, cin, cout)", where, "keras")
+    if name == "conv1_1":
+      kernel = kernel[:, :, ::-1, :]
+    convs[name] = (kernel, biases[0].astype(np.float32))
   return _variables(convs, *input_normalization("keras"), where, "keras")
 
 

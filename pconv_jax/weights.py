@@ -8,12 +8,15 @@ from dataclasses import dataclass
 import hashlib
 import os
 from pathlib import Path
+import re
 import sys
 from typing import Any
 import urllib.error
 import urllib.request
 
 from absl import logging
+import h5py
+import numpy as np
 
 from pconv_jax.errors import UserError
 
@@ -96,14 +99,57 @@ def read_torch_state_dict(
   try:
     loaded = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a corrupt or non-tensor file.
-    problem = f"cannot be read as a PyTorch state dict ({type(e).__name__}: {e})"
-    raise unreadable(str(path), problem) from e
+    raise unreadable(str(path), _torch_load_problem(e)) from e
   if not isinstance(loaded, Mapping):
     raise unreadable(str(path), f"holds a {type(loaded).__name__}, not a state dict")
   for key in ("state_dict", "model", "generator"):
     if isinstance(loaded.get(key), Mapping):
       return dict(loaded[key])
   return dict(loaded)
+
+
+def read_keras_layers(
+  path: str | os.PathLike, unreadable: Callable[[str, str], UserError]
+) -> dict[str, dict[str, np.ndarray]]:
+  """The weights of a Keras .h5 file (`save_weights`, or a whole-model save) by layer: {layer name:
+  {weight name without the layer's prefix and ':0' (e.g. 'kernel', 'moving_mean'): array}}.
+
+  Layers without weights are left out. Raises `unreadable(path, problem)` for a file that is not
+  HDF5."""
+  layers: dict[str, dict[str, np.ndarray]] = {}
+  try:
+    with h5py.File(path, "r") as f:
+      root = f["model_weights"] if "model_weights" in f else f
+      for name, group in root.items():
+        if not isinstance(group, h5py.Group):
+          continue
+        found = {}
+        group.visititems(
+          lambda key, item: (
+            found.update({key.rsplit("/", 1)[-1].split(":")[0]: np.asarray(item)})
+            if isinstance(item, h5py.Dataset)
+            else None
+          )
+        )
+        if found:
+          layers[name] = found
+  except OSError as e:
+    raise unreadable(str(path), f"cannot be read as an HDF5 file ({e})") from e
+  return layers
+
+
+def _torch_load_problem(error: Exception) -> str:
+  """One line on why `torch.load(weights_only=True)` refused a file."""
+  text = " ".join(str(error).split())
+  reason = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+  if reason and "Unsupported global" in reason.group(1):
+    return (
+      f"holds Python objects besides tensors, which are not loaded ({reason.group(1)}): if you "
+      "trust the file, save its state dict alone (torch.save(torch.load(FILE, weights_only=False)"
+      "['state_dict'], NEW.pth)) and convert that"
+    )
+  detail = reason.group(1) if reason else f"{type(error).__name__}: {text}"
+  return f"cannot be read as a PyTorch state dict ({detail})"
 
 
 def cache_dir() -> Path:
@@ -130,13 +176,12 @@ def download(
   """Downloads `url` (http(s) or file) to `dest` and returns its digests; refuses a file whose
   checksums differ.
 
-  `checksums` maps "sha256"/"md5" to the expected hex digest and must not be empty. On any failure
-  nothing is left at `dest`, and `error` is raised.
+  `checksums` maps "sha256"/"md5" to the expected hex digest, or to a prefix of at least 8 digits of
+  it (as file names carry them for torch hub); empty only where no hash is published, the caller
+  saying so. On any failure nothing is left at `dest`, and `error` is raised.
   """
-  if not checksums or not set(checksums) <= {"sha256", "md5"}:
-    raise ValueError(
-      f"download needs expected 'sha256' and/or 'md5' checksums, got {dict(checksums)}"
-    )
+  if not set(checksums) <= {"sha256", "md5"} or any(len(v) < 8 for v in checksums.values()):
+    raise ValueError(f"download takes 'sha256' and/or 'md5' checksums, got {dict(checksums)}")
   partial = dest.with_name(dest.name + ".part")
   try:
     with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
@@ -146,7 +191,7 @@ def download(
     wrong = {
       name: (want.lower(), digests[name])
       for name, want in checksums.items()
-      if digests[name] != want.lower()
+      if not digests[name].startswith(want.lower())
     }
     if wrong:
       details = "; ".join(

@@ -1,5 +1,6 @@
-"""PyTorch PConv U-Net -> Flax: identical outputs in eval mode,
-clear errors, and the CLI's orbax checkpoint."""
+"""The blog post's PyTorch PConv U-Net (layout `blog`) -> Flax: identical outputs in eval and
+training mode, clear errors, and the CLI's orbax checkpoint. (The other projects' layouts:
+test_published.py.)"""
 
 import functools
 from pathlib import Path
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pconv_jax import checkpoints, convert, models
+from pconv_jax import checkpoints, convert, models, published
 
 torch = pytest.importorskip("torch")
 import torch_reference  # noqa: E402  (imports torch)
@@ -38,6 +39,13 @@ def torch_forward(net, images, masks, dtype):
   return out.numpy().transpose(0, 2, 3, 1)
 
 
+def from_state_dict(state_dict, dtype=np.float32):
+  """The Flax variables of a state dict, its layout recognised."""
+  layout, _, variables = convert.convert_weights(published.clean(state_dict), "torch", dtype=dtype)
+  assert layout.name == "blog"
+  return variables
+
+
 @pytest.fixture(scope="module")
 def paper_net():
   return torch_reference.randomize(torch_reference.TorchPUNet(), seed=0)
@@ -48,7 +56,7 @@ def test_float64_outputs_match_to_1e8(paper_net):
   want = torch_forward(paper_net, images, masks, torch.float64)
   assert np.mean(np.abs(want) > 0.99) < 0.1  # tanh not saturated: the comparison is meaningful.
   with jax.enable_x64(True):
-    variables = convert.from_torch_punet(paper_net.double().state_dict(), dtype=np.float64)
+    variables = from_state_dict(paper_net.double().state_dict(), dtype=np.float64)
     got = jax.jit(models.PUNet(dtype=jnp.float64).apply)(variables, images, masks)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-8)
@@ -59,14 +67,14 @@ def test_train_mode_outputs_and_batchnorm_statistics_match_in_float64():
   and its unbiased running variance."""
   net = torch_reference.randomize(torch_reference.TorchPUNet(), seed=5).double()
   images, masks = inputs(128, seed=3)
-  variables = convert.from_torch_punet(net.state_dict(), dtype=np.float64)
+  variables = from_state_dict(net.state_dict(), dtype=np.float64)
   net.train()
   to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
   with torch.no_grad():
     want = (
       net(to_torch(images), to_torch(np.repeat(masks, 3, axis=-1))).numpy().transpose(0, 2, 3, 1)
     )
-  want_stats = convert.from_torch_punet(net.state_dict(), dtype=np.float64)["batch_stats"]
+  want_stats = from_state_dict(net.state_dict(), dtype=np.float64)["batch_stats"]
   with jax.enable_x64(True):
     apply = jax.jit(
       functools.partial(models.PUNet(dtype=jnp.float64).apply, train=True, mutable=["batch_stats"])
@@ -92,7 +100,7 @@ def test_float32_outputs_match(paper_net):
   1.1e-5 and 2.3e-7. A wrong layout, mask rule or BatchNorm constant shows up at O(1e-2) or more."""
   images, masks = inputs(128, seed=1)
   want = torch_forward(paper_net, images, masks, torch.float64)
-  variables = convert.from_torch_punet(paper_net.state_dict())
+  variables = from_state_dict(paper_net.state_dict())
   got = np.asarray(
     jax.jit(models.PUNet().apply)(variables, images.astype(np.float32), masks.astype(np.float32))
   )
@@ -105,11 +113,14 @@ def test_custom_width_network_is_detected_and_converted():
     torch_reference.TorchPUNet(depth=3, features=(8, 16, 16), kernel_sizes=(5, 3, 3)), seed=3
   )
   state = {"module." + k: v for k, v in net.state_dict().items()}  # DataParallel prefix.
-  config = convert.torch_model_config(state)
+  _, config, variables = convert.convert_weights(published.clean(state), "torch")
   assert config == {"depth": 3, "features": [8, 16, 16], "kernel_sizes": [5, 3, 3], "partial": True}
+  assert models.architecture(config) == models.architecture(
+    {"depth": 3, "features": (8, 16, 16), "kernel_sizes": (5, 3, 3)}
+  )  # The paper's variant: every other field at PUNet's default.
   images, masks = inputs(16, seed=2)
   got = jax.jit(models.create_model(config).apply)(
-    convert.from_torch_punet(state), images.astype(np.float32), masks.astype(np.float32)
+    variables, images.astype(np.float32), masks.astype(np.float32)
   )
   np.testing.assert_allclose(got, torch_forward(net, images, masks, torch.float64), atol=1e-5)
 
@@ -124,17 +135,17 @@ def test_unknown_missing_and_misshaped_keys_are_listed():
   state["ec_images_2.extra.weight"] = np.zeros(3)
   del state["dc_images_2.bn.running_var"]
   state["dc_images_1.conv.bias"] = np.zeros(5)
-  with pytest.raises(ValueError) as info:
-    convert.from_torch_punet(state)
+  with pytest.raises(published.ConversionError) as info:
+    from_state_dict(state)
   message = str(info.value)
-  assert "unexpected keys ['ec_images_2.extra.weight']" in message
-  assert "nothing for the Flax variables ['batch_stats/decoder/block_2/bn/var']" in message
-  assert "dc_images_1.conv.bias (5,)" in message and "which is (3,)" in message
+  assert "unexpected weights ['ec_images_2.extra.weight']" in message
+  assert "nothing for ['batch_stats/decoder/block_2/bn/var']" in message
+  assert "params/decoder/block_1/conv/bias (5,) (expected (3,))" in message
 
 
 def test_not_a_punet_is_refused():
-  with pytest.raises(ValueError, match="Not a PConv U-Net state dict"):
-    convert.from_torch_punet({"features.0.weight": np.zeros((64, 3, 3, 3))})
+  with pytest.raises(published.ConversionError, match="Not a PConv U-Net layout this converter"):
+    convert.convert_weights({"features.0.weight": np.zeros((64, 3, 3, 3))}, "torch")
 
 
 def test_cli_writes_a_checkpoint_that_loads(tmp_path):
@@ -150,6 +161,7 @@ def test_cli_writes_a_checkpoint_that_loads(tmp_path):
   )
   model, variables, meta = checkpoints.load_model(tmp_path / "ckpt")
   assert model.depth == 2 and tuple(model.features) == (4, 8) and meta["source"].endswith("net.pth")
+  assert meta["layout"] == "blog"
   images, masks = inputs(8, seed=5)
   np.testing.assert_allclose(
     model.apply(variables, images.astype(np.float32), masks.astype(np.float32)),
@@ -167,4 +179,5 @@ def test_cli_reports_a_bad_file(tmp_path):
     cwd=ROOT,
   )
   assert result.returncode != 0
-  assert "Not a PConv U-Net state dict" in result.stderr and "Traceback" not in result.stderr
+  assert "Not a PConv U-Net layout this converter knows" in result.stderr
+  assert "naoto0804" in result.stderr and "Traceback" not in result.stderr

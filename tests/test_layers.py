@@ -185,6 +185,26 @@ def test_large_holes_give_zero_output_and_mask():
   assert_matches_oracle(x, mask, kernel, bias, 1, 1, 1, True)
 
 
+def test_hole_bias_adds_the_bias_in_all_hole_windows_too():
+  """PConv-Keras' layer: conv(X*M)*ratio + b everywhere; elsewhere the same as NVIDIA's."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(1, 16, 16, 2)).astype(np.float32)
+  mask = np.ones((1, 16, 16, 1), np.float32)
+  mask[:, 2:12, 3:13] = 0
+  kernel = rng.normal(size=(3, 3, 2, 5)).astype(np.float32)
+  bias = rng.normal(size=(5,)).astype(np.float32)
+  nvidia, new_mask = layers.partial_conv(x, mask, kernel, bias, padding=1, multi_channel=True)
+  keras, keras_mask = layers.partial_conv(
+    x, mask, kernel, bias, padding=1, multi_channel=True, hole_bias=True
+  )
+  valid = np.asarray(new_mask)[..., 0] == 1
+  np.testing.assert_array_equal(np.asarray(keras_mask), np.asarray(new_mask))
+  np.testing.assert_array_equal(np.asarray(keras)[valid], np.asarray(nvidia)[valid])
+  np.testing.assert_array_equal(
+    np.asarray(keras)[~valid], np.broadcast_to(bias, ((~valid).sum(), 5))
+  )
+
+
 def test_fast_mask_path_equals_full_ones_convolution():
   """Channel sum + single-channel window sum == the reference's (Cout,
   Cin, k, k) all-ones convolution."""

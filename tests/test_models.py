@@ -3,11 +3,13 @@ the frozen-encoder switch and input errors."""
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from pconv_jax import models
 
 
@@ -165,3 +167,32 @@ def test_create_model_from_config_dict():
     and model.dtype == jnp.bfloat16
     and model.size_multiple == 256
   )
+
+
+def test_variants_keep_the_paper_network_by_default_and_change_its_variables():
+  image, mask = jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 16, 16, 1))
+
+  def variables(**variant):
+    model = models.PUNet(depth=2, features=(4, 8), kernel_sizes=(3, 3), **variant)
+    return flax.traverse_util.flatten_dict(
+      jax.eval_shape(model.init, jax.random.key(0), image, mask)
+    )
+
+  paper = variables()
+  # The config's defaults are PUNet's: a checkpoint without variant fields is the paper's network.
+  assert models.architecture({"depth": 7}) == models.architecture(default.get_config().model)
+  biases = {p[:-1] for p in paper if p[-1] == "bias" and p[-2] == "conv"}
+  assert biases == {("params", "decoder", "block_1", "conv")}
+  keras = variables(conv_bias="all", head=True, hole_bias=True)
+  assert ("params", "head", "kernel") in keras and (
+    "params",
+    "encoder",
+    "block_1",
+    "conv",
+    "bias",
+  ) in keras
+  jacob = variables(conv_bias="without_bn", first_bn=True)
+  assert ("batch_stats", "encoder", "block_1", "bn", "mean") in jacob
+  assert ("params", "encoder", "block_1", "conv", "bias") not in jacob
+  with pytest.raises(ValueError, match="channel_order must be one of"):
+    variables(channel_order="RBG")

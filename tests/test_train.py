@@ -234,6 +234,8 @@ def test_nonfinite_update_is_not_applied_and_policy_is_applied():
     (("optim", "batch_size", 6), "batch_size=6 .* not divisible by the 8 data-parallel devices"),
     (("train", "nonfinite", "ignore"), "'stop' or 'skip'"),
     (("mesh", "data", 16), "config.mesh.data=16"),
+    (("model", "output_activation", "relu"), "config.model.output_activation must be one of"),
+    (("model", "input_mean", (0.5, 0.5, 0.5)), "config.model.input_mean and input_std are set"),
   ],
 )
 def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
