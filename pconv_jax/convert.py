@@ -116,7 +116,13 @@ def fetch(
   if not raw.is_file():
     raw.parent.mkdir(parents=True, exist_ok=True)
     expected = {"sha256": sha256 or model.sha256_prefix} if sha256 or model.sha256_prefix else {}
-    digests = weights.download(url or model.url, raw, expected, ConversionError)
+    try:
+      digests = weights.download(url or model.url, raw, expected, ConversionError)
+    except ConversionError as error:
+      raise ConversionError(
+        f"{error}. If this machine cannot reach it, download {model.url} elsewhere and run "
+        f"`python -m pconv_jax.convert fetch {name} --url file:///path/to/{model.filename}`."
+      ) from error
     if not expected:
       logging.warning(
         "%s publishes no hash for %s: not verified (SHA-256 %s, recorded in the checkpoint).",

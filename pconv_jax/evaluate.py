@@ -327,6 +327,12 @@ def _notes(
   )
   if config.eval.note:
     notes.append(config.eval.note)
+  if "layout" in meta:
+    notes.append(
+      f"The model's weights are {meta['project']}'s ({meta['source']}, SHA-256 "
+      f"{meta['source_sha256'][:12]}...), converted with `python -m pconv_jax.convert`; they run "
+      "with that project's input range and channel order."
+    )
   if meta.get("vgg_losses") is False:
     notes.append(
       "This model was trained without VGG-16 weights, i.e. without the perceptual and style "

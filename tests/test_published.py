@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tiny_config
 
-from pconv_jax import checkpoints, convert, images, models, published, train
+from pconv_jax import checkpoints, convert, evaluate, images, models, published, train
 from pconv_jax.inpaint import Inpainter
 
 torch = pytest.importorskip("torch")
@@ -118,9 +118,8 @@ def test_cli_conversion_inpaints_like_the_project(source, tmp_path):
   )
   assert np.abs(got_output - want_output).max() <= 1e-4 * np.abs(want_output).max()
 
-  inpainter = Inpainter.from_checkpoint(out)
-  for pic, hole, want in zip(pics, holes, want_composite):
-    got = inpainter(pic, hole)
+  inpainter = Inpainter.from_checkpoint(out, batch_size=len(pics))
+  for pic, hole, want, got in zip(pics, holes, want_composite, inpainter.inpaint_many(pics, holes)):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     np.testing.assert_array_equal(got[~hole], pic[~hole])
     assert (got[hole] != pic[hole]).any()
@@ -215,3 +214,15 @@ def test_finetune_stage_from_a_converted_checkpoint(tmp_path):
   _, variables, meta = checkpoints.load_model(tmp_path / "stage2" / "checkpoints")
   assert meta["stage"] == "finetune" and meta["model"]["channel_order"] == "BGR"
   assert np.isfinite(jax.tree.leaves(variables)[0]).all()
+
+
+def test_evaluation_of_a_converted_checkpoint_names_its_source(tmp_path):
+  config = tiny_config.get_config()
+  net, _ = references.mmagic(config.model.features, (7, 5, 5))
+  save_in_project_format(net, "mmagic", tmp_path / "tiny.pth")
+  convert.convert_file(tmp_path / "tiny.pth", tmp_path / "converted")
+  config.eval.update(num_images=None, masks_per_bin=2, batch_size=8, baselines=("mean_fill",))
+  config.eval.inception = False
+  results = evaluate.evaluate(config, tmp_path / "eval", checkpoint=tmp_path / "converted")
+  assert {row["method"] for row in results["rows"]} == {evaluate.MODEL_METHOD, "mean_fill"}
+  assert any("open-mmlab/mmagic (mmediting)'s (" in note for note in results["notes"])
