@@ -14,7 +14,7 @@ cache, checks the hash its authors published where there is one, and converts it
 """
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import importlib.util
 import os
 from pathlib import Path
@@ -30,9 +30,11 @@ from pconv_jax import checkpoints, published, weights
 from pconv_jax.errors import UserError
 from pconv_jax.published import ConversionError, Layout
 
-_MISSING_TORCH = ConversionError(
-  "Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel)."
-)
+
+def _missing_torch() -> ConversionError:
+  return ConversionError(
+    "Reading .pth files needs PyTorch: pip install torch==2.13.0 (the CPU wheel)."
+  )
 
 
 def _unreadable(where: str, problem: str) -> ConversionError:
@@ -48,7 +50,8 @@ def read_weights(path: str | os.PathLike) -> tuple[str, published.Arrays]:
   if h5py.is_hdf5(path):
     layers = weights.read_keras_layers(path, _unreadable)
     return "keras", {f"{layer}/{name}": v for layer, ws in layers.items() for name, v in ws.items()}
-  return "torch", published.clean(weights.read_torch_state_dict(path, _MISSING_TORCH, _unreadable))
+  state_dict = weights.read_torch_state_dict(path, _missing_torch(), _unreadable)
+  return "torch", published.clean(state_dict)
 
 
 def convert_weights(
@@ -69,10 +72,15 @@ def convert_weights(
 
 
 def convert_file(
-  path: str | os.PathLike, out_dir: str | os.PathLike, source: str | None = None, **meta: Any
+  path: str | os.PathLike,
+  out_dir: str | os.PathLike,
+  source: str | None = None,
+  origin: str | None = None,
+  **meta: Any,
 ) -> tuple[Layout, epath.Path]:
   """Converts a weight file to a checkpoint in `out_dir` (which must not hold one yet); returns the
-  layout found and the checkpoint step's path. `meta` is stored beside the weights."""
+  layout found and the checkpoint step's path. `source` forces a layout; `origin` (default: the
+  path) and `meta` are stored beside the weights."""
   if (epath.Path(out_dir) / "0").exists():
     raise ConversionError(f"{out_dir} already holds a checkpoint: choose a new directory.")
   container, arrays = read_weights(path)
@@ -82,7 +90,7 @@ def convert_file(
     out_dir,
     variables,
     config,
-    source=str(path),
+    source=origin or str(path),
     source_sha256=digest,
     layout=layout.name,
     project=layout.project,
@@ -103,7 +111,11 @@ def fetch(
   `url` replaces the published address (a mirror, or `file://`), `sha256` the published hash.
   """
   model = published.MODELS[name]
-  out_dir = Path(out_dir) if out_dir else weights.cache_dir() / "models" / name
+  default_dir = weights.cache_dir() / "models" / name
+  if out_dir is None and (default_dir / "0").exists():
+    logging.info("%s was fetched before: %s (remove it to fetch again).", name, default_dir)
+    return published.LAYOUTS[model.layout], epath.Path(default_dir) / "0"
+  out_dir = Path(out_dir) if out_dir else default_dir
   if not model.direct and url is None:
     raise ConversionError(
       f"{name} ({model.data}) is on Google Drive, which has no stable download link: open "
@@ -111,26 +123,35 @@ def fetch(
       f"{out_dir}`."
     )
   if model.layout != "keras" and importlib.util.find_spec("torch") is None:
-    raise _MISSING_TORCH  # Before the download, not after.
-  raw = weights.cache_dir() / "published" / model.filename
+    raise _missing_torch()  # Before the download, not after.
+  expected = {"sha256": sha256 or model.sha256_prefix} if sha256 or model.sha256_prefix else {}
+  weights.check_checksums(expected, ConversionError)
+  raw = weights.cache_dir() / "published" / (name + (".h5" if model.layout == "keras" else ".pth"))
+  if raw.is_file() and (url or not _matches(raw, expected)):
+    raw.unlink()  # Another address, or not the file the hash names: download it again.
   if not raw.is_file():
     raw.parent.mkdir(parents=True, exist_ok=True)
-    expected = {"sha256": sha256 or model.sha256_prefix} if sha256 or model.sha256_prefix else {}
-    try:
-      digests = weights.download(url or model.url, raw, expected, ConversionError)
-    except ConversionError as error:
-      raise ConversionError(
-        f"{error}. If this machine cannot reach it, download {model.url} elsewhere and run "
-        f"`python -m pconv_jax.convert fetch {name} --url file:///path/to/{model.filename}`."
-      ) from error
+    digests = weights.download(
+      url or model.url,
+      raw,
+      expected,
+      ConversionError,
+      f" If this machine cannot reach it, download {model.url} elsewhere and run `python -m "
+      f"pconv_jax.convert fetch {name} --url file:///path/to/FILE`.",
+    )
     if not expected:
       logging.warning(
         "%s publishes no hash for %s: not verified (SHA-256 %s, recorded in the checkpoint).",
         published.LAYOUTS[model.layout].project,
-        model.filename,
+        name,
         digests["sha256"],
       )
-  return convert_file(raw, out_dir, model.layout, published_model=name)
+  return convert_file(raw, out_dir, model.layout, origin=url or model.url, published_model=name)
+
+
+def _matches(path: Path, checksums: Mapping[str, str]) -> bool:
+  digests = weights.file_digests(path)
+  return all(digests[name].startswith(want.lower()) for name, want in checksums.items())
 
 
 def _convert_main(argv: Sequence[str]) -> tuple[Layout, epath.Path]:

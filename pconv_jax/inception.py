@@ -412,11 +412,10 @@ def load_torch_pth(path: str | os.PathLike) -> Inception:
 
 
 def _numbered(layers: Mapping[str, Any], base: str) -> list[str]:
-  """Layer names `base`, `base_1`, `base_2`, ... sorted by their number
-  (Keras numbers layers in creation order)."""
-  pattern = re.compile(rf"{base}(?:_(\d+))?")
-  numbered = [(int(m.group(1) or 0), name) for name in layers if (m := pattern.fullmatch(name))]
-  return [name for _, name in sorted(numbered)]
+  """Layer names `base`, `base_1`, `base_2`, ... in Keras' creation order."""
+  return sorted(
+    (name for name in layers if re.fullmatch(rf"{base}(_\d+)?", name)), key=weights.keras_counter
+  )
 
 
 def load_keras_h5(path: str | os.PathLike) -> Inception:

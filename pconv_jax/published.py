@@ -23,14 +23,11 @@ import flax
 import jax
 import numpy as np
 
-from pconv_jax import checkpoints, models
+from pconv_jax import checkpoints, models, vgg, weights
 from pconv_jax.errors import UserError
 
 Arrays = dict[str, np.ndarray]
-Path = tuple[str, ...]  # A Flax variable: (collection, module, [block, layer,] leaf).
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+VariablePath = tuple[str, ...]  # A Flax variable: (collection, module, [block, layer,] leaf).
 
 
 class ConversionError(UserError, ValueError):
@@ -72,7 +69,7 @@ class Layout:
   container: str  # "torch" (.pth) or "keras" (.h5)
   example_key: str  # For messages.
   identifier: str
-  read: Callable[[Arrays], tuple[dict[Path, np.ndarray], list[str]]]
+  read: Callable[[Arrays], tuple[dict[VariablePath, np.ndarray], list[str]]]
   variant: Mapping[str, Any]
   kernel_divisor: Callable[[np.ndarray], float] = lambda kernel: 1.0
   skip_first: bool = False
@@ -105,7 +102,7 @@ class Layout:
       converted[path] = value.astype(dtype)
     return config, _assemble(config, converted, unexpected, self.project)
 
-  def model_config(self, flat: Mapping[Path, np.ndarray]) -> dict[str, Any]:
+  def model_config(self, flat: Mapping[VariablePath, np.ndarray]) -> dict[str, Any]:
     """Depth, widths and kernel sizes read from the encoder's kernels, plus the variant fields."""
     kernels = {
       int(path[2].removeprefix("block_")): value
@@ -127,22 +124,31 @@ class Layout:
 
 
 def clean(arrays: Mapping[str, Any]) -> Arrays:
-  """NumPy values; without the `module.` (DataParallel) and `generator.` (mmagic) prefixes and
-  BatchNorm step counters."""
+  """NumPy values without BatchNorm step counters and the `module.` (DataParallel) prefix; of an
+  mmagic inpaintor's state dict, only its `generator.` (without the prefix: its losses' VGG-16 is
+  not part of the network)."""
   cleaned = {}
   for key, value in arrays.items():
     if key.endswith("num_batches_tracked"):
       continue
-    while key.startswith(("module.", "generator.")):
-      key = key.split(".", 1)[1]
+    key = key.removeprefix("module.")
     if hasattr(value, "detach"):  # A torch tensor; torch itself is never imported here.
       value = value.detach().cpu().numpy()
     cleaned[key] = np.asarray(value)
+  if any(key.startswith("generator.") for key in cleaned):
+    cleaned = {
+      key.removeprefix("generator."): value
+      for key, value in cleaned.items()
+      if key.startswith("generator.")
+    }
   return cleaned
 
 
 def _assemble(
-  config: Mapping[str, Any], flat: dict[Path, np.ndarray], unexpected: list[str], project: str
+  config: Mapping[str, Any],
+  flat: dict[VariablePath, np.ndarray],
+  unexpected: list[str],
+  project: str,
 ) -> dict:
   """The Flax variables of `config`'s PUNet from `flat`, every one present and of its shape."""
   model = models.create_model(config)
@@ -175,7 +181,7 @@ def _assemble(
 
 def _torch_reader(
   pattern: str, block: Callable[[str, int, int], tuple[str, int]], all_ones: str | None = None
-) -> Callable[[Arrays], tuple[dict[Path, np.ndarray], list[str]]]:
+) -> Callable[[Arrays], tuple[dict[VariablePath, np.ndarray], list[str]]]:
   """A reader of PyTorch keys matching `pattern` (groups side, number, layer, leaf).
 
   `block(side, number, count)` gives the (module, level) of a block, `count` being the number of
@@ -185,7 +191,7 @@ def _torch_reader(
   key_re = re.compile(pattern)
   ones_re = re.compile(all_ones) if all_ones else None
 
-  def read(arrays: Arrays) -> tuple[dict[Path, np.ndarray], list[str]]:
+  def read(arrays: Arrays) -> tuple[dict[VariablePath, np.ndarray], list[str]]:
     matched, unexpected = {}, []
     for key, value in arrays.items():
       if ones_re and ones_re.fullmatch(key):
@@ -221,13 +227,7 @@ def _numbered_in_order(side: str, number: int, count: int) -> tuple[str, int]:
   return ("encoder", number) if number <= depth else ("decoder", 2 * depth + 1 - number)
 
 
-def _suffix(name: str) -> int:
-  """Keras' creation counter at the end of a layer name (`p_conv2d_12` -> 12, none -> 0)."""
-  m = re.search(r"_(\d+)$", name)
-  return int(m.group(1)) if m else 0
-
-
-def _read_keras(arrays: Arrays) -> tuple[dict[Path, np.ndarray], list[str]]:
+def _read_keras(arrays: Arrays) -> tuple[dict[VariablePath, np.ndarray], list[str]]:
   """PConv-Keras' layers by kind and creation order: 2N `PConv2D` (img_kernel, bias; N encoder
   levels then the decoder from the deepest), N-1 `EncBN<i>`, N-1 decoder BatchNormalizations, and
   the 1x1 output convolution."""
@@ -235,10 +235,13 @@ def _read_keras(arrays: Arrays) -> tuple[dict[Path, np.ndarray], list[str]]:
   for key, value in arrays.items():
     layer, _, weight = key.rpartition("/")
     layers.setdefault(layer, {})[weight] = value
-  pconvs = sorted((n for n, w in layers.items() if "img_kernel" in w), key=_suffix)
+  pconvs = sorted((n for n, w in layers.items() if "img_kernel" in w), key=weights.keras_counter)
   norms = [n for n, w in layers.items() if "moving_variance" in w]
-  encoder_norms = sorted((n for n in norms if n.startswith("EncBN")), key=_suffix)
-  decoder_norms = sorted((n for n in norms if not n.startswith("EncBN")), key=_suffix)
+  # PConv-Keras names them itself: EncBN2 ... EncBN<N>.
+  encoder_norms = sorted(
+    (n for n in norms if n.startswith("EncBN")), key=lambda n: int(re.sub(r"\D", "", n) or 0)
+  )
+  decoder_norms = sorted((n for n in norms if not n.startswith("EncBN")), key=weights.keras_counter)
   heads = [n for n, w in layers.items() if "kernel" in w]
   depth = len(pconvs) // 2
   if len(pconvs) % 2 or len(encoder_norms) != depth - 1 or len(decoder_norms) != depth - 1:
@@ -253,8 +256,8 @@ def _read_keras(arrays: Arrays) -> tuple[dict[Path, np.ndarray], list[str]]:
   blocks |= {name: ("encoder", i, "bn") for i, name in enumerate(encoder_norms, start=2)}
   blocks |= {name: ("decoder", depth - i, "bn") for i, name in enumerate(decoder_norms)}
   flat, unexpected = {}, []
-  for name, weights in layers.items():
-    for weight, value in weights.items():
+  for name, layer_weights in layers.items():
+    for weight, value in layer_weights.items():
       if weight not in _KERAS_LEAVES:
         unexpected.append(f"{name}/{weight}")
       elif name == heads[0]:
@@ -295,8 +298,8 @@ LAYOUTS = {
       ),
       variant={
         "output_activation": "linear",
-        "input_mean": IMAGENET_MEAN,
-        "input_std": IMAGENET_STD,
+        "input_mean": vgg.TORCHVISION_MEAN,
+        "input_std": vgg.TORCHVISION_STD,
       },
       kernel_divisor=lambda kernel: float(np.prod(kernel.shape[:3])),  # kh * kw * Cin
     ),
@@ -344,8 +347,8 @@ LAYOUTS = {
       variant={
         "conv_bias": "without_bn",
         "first_bn": True,
-        "input_mean": IMAGENET_MEAN,
-        "input_std": IMAGENET_STD,
+        "input_mean": vgg.TORCHVISION_MEAN,
+        "input_std": vgg.TORCHVISION_STD,
       },
     ),
   )
@@ -376,10 +379,6 @@ class PublishedModel:
   url: str
   sha256_prefix: str | None = None  # Published in the file name, as torch hub's are.
   direct: bool = True  # False: a page to download it from by hand (Google Drive).
-
-  @property
-  def filename(self) -> str:
-    return self.url.rsplit("/", 1)[-1]
 
 
 MODELS = {

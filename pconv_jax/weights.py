@@ -1,5 +1,5 @@
 """Pretrained weight files of the loss (VGG-16), the evaluation (Inception-v3) and converted
-networks: the cache directory, checksummed downloads, reading PyTorch files, and the
+networks: the cache directory, checksummed downloads, reading PyTorch and Keras files, and the
 `fetch`/`convert` command line. Each network's module says what its files hold."""
 
 import argparse
@@ -108,6 +108,12 @@ def read_torch_state_dict(
   return dict(loaded)
 
 
+def keras_counter(name: str) -> int:
+  """Keras' creation counter at the end of a layer name (`conv2d_12` -> 12, `conv2d` -> 0)."""
+  m = re.search(r"_(\d+)$", name)
+  return int(m.group(1)) if m else 0
+
+
 def read_keras_layers(
   path: str | os.PathLike, unreadable: Callable[[str, str], UserError]
 ) -> dict[str, dict[str, np.ndarray]]:
@@ -171,17 +177,21 @@ def file_digests(path: Path) -> dict[str, str]:
 
 
 def download(
-  url: str, dest: Path, checksums: Mapping[str, str], error: type[WeightsError] = WeightsError
+  url: str,
+  dest: Path,
+  checksums: Mapping[str, str],
+  error: type[UserError] = WeightsError,
+  unreachable_hint: str = "",
 ) -> dict[str, str]:
   """Downloads `url` (http(s) or file) to `dest` and returns its digests; refuses a file whose
   checksums differ.
 
   `checksums` maps "sha256"/"md5" to the expected hex digest, or to a prefix of at least 8 digits of
   it (as file names carry them for torch hub); empty only where no hash is published, the caller
-  saying so. On any failure nothing is left at `dest`, and `error` is raised.
+  saying so. On any failure nothing is left at `dest`, and `error` is raised (with
+  `unreachable_hint` appended where the address could not be read).
   """
-  if not set(checksums) <= {"sha256", "md5"} or any(len(v) < 8 for v in checksums.values()):
-    raise ValueError(f"download takes 'sha256' and/or 'md5' checksums, got {dict(checksums)}")
+  check_checksums(checksums, error)
   partial = dest.with_name(dest.name + ".part")
   try:
     with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
@@ -205,9 +215,18 @@ def download(
     os.replace(partial, dest)
     return digests
   except (urllib.error.URLError, OSError) as e:
-    raise error(f"could not download {url}: {e}") from e
+    raise error(f"could not download {url}: {e}.{unreachable_hint}") from e
   finally:
     partial.unlink(missing_ok=True)
+
+
+def check_checksums(checksums: Mapping[str, str], error: type[UserError]) -> None:
+  """Refuses checksums other than "sha256"/"md5" hex digests or prefixes of 8 digits or more."""
+  for name, value in checksums.items():
+    if name not in ("sha256", "md5") or not re.fullmatch(r"[0-9a-fA-F]{8,}", value):
+      raise error(
+        f"{name} checksum {value!r}: give the file's SHA-256 as hex digits (at least the first 8)."
+      )
 
 
 def check_canonical(path: Path, source: Source) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Every published PConv U-Net layout: random weights saved in its project's own container and
 names, converted, and run against an independent reference of that project's forward pass and
-inference (tests/published_references.py): float64 to 1e-7, and the CLI + `Inpainter` path in
-float32 within 1e-4 relative and one grey level of the project's own composite."""
+inference (tests/published_references.py): float64 to 1e-7 (jacobaustin123 1e-6), and the CLI +
+`Inpainter` path in float32 within 1e-4 relative and one grey level of the project's own
+composite."""
 
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def save_in_project_format(net, source: str, path) -> None:
       "iter": 500000,
       "config": "model = dict(type='PConvInpaintor')",
     }
-    torch.save({"meta": meta, "state_dict": net.state_dict()}, path)
+    # The inpaintor also holds its perceptual loss's VGG-16, which is not part of the network.
+    vgg = {"loss_percep.vgg.vgg_layers.0.weight": torch.zeros(64, 3, 3, 3)}
+    torch.save({"meta": meta, "state_dict": net.state_dict() | vgg}, path)
   elif source == "jacob":  # train.py saves nn.DataParallel's state dict.
     torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, path)
   else:
@@ -179,17 +182,25 @@ def test_cli_errors_are_one_line(tmp_path):
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_fetch_verifies_the_published_hash_prefix_and_converts(tmp_path, monkeypatch):
+def test_fetch_verifies_the_published_hash_prefix_and_converts_once(tmp_path, monkeypatch):
   monkeypatch.setenv("PCONV_JAX_CACHE", str(tmp_path / "cache"))
   path, _, _ = make("mmagic", tmp_path)
   url = path.as_uri()
   with pytest.raises(published.ConversionError, match="checksum mismatch"):
     convert.fetch("mmagic-places", url=url)  # Not the file whose SHA-256 starts 1ffed0e8.
+  with pytest.raises(published.ConversionError, match="cannot reach it, download .* --url file:"):
+    convert.fetch("mmagic-places", url=(tmp_path / "absent.pth").as_uri())
+  with pytest.raises(published.ConversionError, match="at least the first 8"):
+    convert.fetch("mmagic-places", url=url, sha256="1ffe")
+  assert not list((tmp_path / "cache").rglob("*.pth*"))
   digest = convert.weights.file_digests(path)["sha256"]
   layout, saved = convert.fetch("mmagic-places", url=url, sha256=digest[:12])
   assert layout.name == "mmagic" and saved == tmp_path / "cache" / "models" / "mmagic-places" / "0"
   _, _, meta = checkpoints.load_model(saved.parent)
   assert meta["published_model"] == "mmagic-places" and meta["source_sha256"] == digest
+  assert meta["source"] == url
+  # Fetched before: the checkpoint is returned, nothing is downloaded.
+  assert convert.fetch("mmagic-places") == (layout, saved)
 
 
 def test_finetune_stage_from_a_converted_checkpoint(tmp_path):
