@@ -140,6 +140,28 @@ def test_bfloat16_forward_is_finite():
   assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
 
 
+def test_bfloat16_keeps_the_mask_path_in_float32():
+  """Every division and clamp of a bfloat16 network (the renormalisation ratio and the mask update;
+  the activations have none) is computed in float32."""
+  model = models.PUNet(depth=3, features=(8, 8, 8), dtype=jnp.bfloat16)
+  images, masks = small_inputs(size=16)
+  variables = model.init(jax.random.key(5), images, masks)
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, masks, train=True, mutable=True))(
+    variables
+  )
+
+  def equations(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        yield from equations(sub)
+
+  found = [e for e in equations(jaxpr.jaxpr) if e.primitive.name in ("div", "clamp")]
+  assert len(found) >= 2 * 6  # A ratio and a mask update in each of the 6 layers.
+  assert {str(v.aval.dtype) for e in found for v in e.outvars} == {"float32"}
+  assert any(e.outvars[0].aval.dtype == jnp.bfloat16 for e in equations(jaxpr.jaxpr))
+
+
 @pytest.mark.parametrize(
   "image_shape,mask_shape,match",
   [

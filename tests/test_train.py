@@ -168,6 +168,30 @@ def test_xla_and_cpu_kernels_give_the_same_step_loss_and_gradients_in_float64():
   jax.tree.map(close, results["cpu"], results["xla"])
 
 
+def test_compiled_train_step_stays_on_the_devices():
+  """The train step as GPUs and TPUs compile it (XLA's convolutions), for a mesh of 8 devices: no
+  host transfer or callback inside the step, the batch split 8 ways, the gradients reduced on the
+  devices, and every leaf of the old state donated to the new one."""
+  config = tiny_config.get_config()
+  config.model.conv_impl = "xla"
+  mesh = parallel.create_mesh(8)
+  model, state, batches = make_state_and_batches(config, mesh, 1)
+  batch = parallel.global_batch(batches[0], mesh)
+  vgg_variables = parallel.replicate(random_vgg_variables(), mesh)
+  compiled = (
+    train.make_train_step("initial", config, model, mesh)
+    .lower(state, batch, vgg_variables)
+    .compile()
+  )
+  hlo = compiled.as_text()
+  for host_op in ("infeed", "outfeed", " send(", " recv(", "callback", "host"):
+    assert host_op not in hlo, host_op
+  assert "all-reduce" in hlo
+  assert hlo.splitlines()[0].count("-alias)") == len(jax.tree.leaves(state))
+  image = compiled.input_shardings[0][1]["image"]
+  assert image.shard_shape(batch["image"].shape)[0] == config.optim.batch_size // 8
+
+
 def test_finetune_step_freezes_encoder_batchnorm_only():
   config = tiny_config.get_config()
   mesh = parallel.create_mesh()
