@@ -199,7 +199,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if _WORKER.value:
     spec = json.loads(_WORKER.value)
-    print(json.dumps(RUNNERS[spec["framework"]](spec)))
+    print(json.dumps(list(RUNNERS[spec["framework"]](spec))))
     return
   if not set(_MODES.value) <= {"train", "infer"}:
     raise app.UsageError(f"--modes takes train and/or infer, got {_MODES.value}")

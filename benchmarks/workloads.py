@@ -9,7 +9,7 @@ composite (forward) and its input gradient for output and composite. Mask update
 matrices and element-wise work are not counted.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 import os
 import resource
 import statistics
@@ -121,9 +121,10 @@ def random_vgg_variables(seed: int) -> dict[str, Any]:
   )
 
 
-def run_jax(spec: dict[str, Any]) -> list[dict[str, Any]]:
+def run_jax(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
   """pconv_jax's inference and/or train step (`spec["modes"]`; in that order, as the train step
-  consumes the state) at one configuration. The peak memory is the process's so far."""
+  consumes the state) at one configuration, each result as it is ready. The peak memory is the
+  process's so far."""
   import jax  # pylint: disable=import-outside-toplevel
 
   from configs import default  # pylint: disable=import-outside-toplevel
@@ -144,7 +145,6 @@ def run_jax(spec: dict[str, Any]) -> list[dict[str, Any]]:
   state = train.create_train_state(
     model, train.create_optimizer(train.INITIAL, config), mesh, spec["size"], 0
   )
-  results = []
   for mode in [m for m in MODES if m in spec["modes"]]:
     start = time.perf_counter()
     if mode == "train":
@@ -172,28 +172,27 @@ def run_jax(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = (cost[0] if isinstance(cost, list) and cost else cost) or {}
     first, times = _time(step, spec["warmup"], spec["repeats"], spec["max_seconds"])
     stats = jax.devices()[0].memory_stats() or {}
-    results.append(
-      {
-        "mode": mode,
-        "times": times,
-        "first_step_s": first,
-        "compile_s": compile_s,
-        "xla_gflop": (cost or {}).get("flops", float("nan")) / 1e9,
-        "peak_bytes": stats.get("peak_bytes_in_use", _peak_rss()),
-        "memory_method": "peak_bytes_in_use" if "peak_bytes_in_use" in stats else "ru_maxrss",
-        "bytes_limit": stats.get("bytes_limit"),
-        "device": jax.devices()[0].device_kind,
-      }
-    )
-  return results
+    yield {
+      "mode": mode,
+      "times": times,
+      "first_step_s": first,
+      "compile_s": compile_s,
+      "xla_gflop": cost["flops"] / 1e9 if "flops" in cost else None,
+      "peak_bytes": stats.get("peak_bytes_in_use", _peak_rss()),
+      "memory_method": "peak_bytes_in_use" if "peak_bytes_in_use" in stats else "ru_maxrss",
+      "bytes_limit": stats.get("bytes_limit"),
+      "device": jax.devices()[0].device_kind,
+    }
 
 
-def run_torch(spec: dict[str, Any]) -> list[dict[str, Any]]:
-  """The reference's inference and/or train step (`spec["modes"]`) at one configuration."""
-  return [_run_torch(spec, mode) for mode in MODES if mode in spec["modes"]]
+def run_torch(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+  """The reference's modes `spec["modes"]`, in that order, at one configuration, each result as it
+  is ready."""
+  for mode in spec["modes"]:
+    yield _run_torch(spec, mode)
 
 
 def _run_torch(spec: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -206,6 +205,7 @@ def _run_torch(spec: dict[str, Any], mode: str) -> dict[str, Any]:
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.backends.cudnn.benchmark = True  # Autotuned convolutions, as XLA's are; warm-up pays.
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   layout = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
   net = ref.randomize(ref.TorchPUNet(spec["depth"], tuple(spec["features"])))
@@ -258,7 +258,7 @@ def _run_torch(spec: dict[str, Any], mode: str) -> dict[str, Any]:
     "first_step_s": first,
     # torch.compile compiles in the first step.
     "compile_s": first - statistics.median(times) if spec.get("compile") else setup_s,
-    "xla_gflop": float("nan"),
+    "xla_gflop": None,
     "peak_bytes": peak,
     "memory_method": "max_memory_allocated" if device == "cuda" else "ru_maxrss",
     "device": torch.cuda.get_device_name() if device == "cuda" else device,
@@ -274,7 +274,8 @@ def run_ceiling(spec: dict[str, Any]) -> list[dict[str, Any]]:
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   matmul = jax.jit(jax.numpy.matmul)
-  first, times = _time(lambda: matmul(a, b).block_until_ready(), 2, 10, 30.0)
+  # Steady clocks: repeat for a second (at most 1000 products).
+  first, times = _time(lambda: matmul(a, b).block_until_ready(), 2, 1000, 1.0)
   return [
     {
       "times": times,

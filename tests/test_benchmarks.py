@@ -7,7 +7,7 @@ from pathlib import Path
 import subprocess
 import sys
 
-from benchmarks import workloads
+from benchmarks import accelerator_check, workloads
 from pconv_jax.models import paper_features
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_accelerator_check_runs_at_a_tiny_size(tmp_path):
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   results = json.loads(out.read_text())
-  checks = results["correctness"]["checks"]
+  checks = results["correctness"]
   assert results["correct"] and all(c["passed"] for c in checks)
   assert [c["check"] for c in checks] == [
     "forward, float32 highest",
@@ -93,3 +93,18 @@ def test_accelerator_check_runs_at_a_tiny_size(tmp_path):
   assert all(r["images_per_s"] > 0 and r["mfu_pct"] > 0 for r in results["results"])
   assert "| pconv_jax | bfloat16 | 32 | 2 | train |" in proc.stdout
   assert "train MFU %" in {t["target"] for t in results["targets"]}
+
+
+def test_accelerator_check_records_what_stops_a_run():
+  """Out of memory (by the last exception line, not an allocator's warning), other failures, and a
+  run past its time, killed with its process group."""
+  oom = "W ran out of memory trying to allocate 2GiB (not a failure)\nTraceback ...\n" + (
+    "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 3 GiB"
+  )
+  assert accelerator_check._failure(oom).startswith("out of memory: jaxlib")
+  warned = "W ran out of memory trying to allocate 2GiB\nTraceback\nValueError: bad shape"
+  assert accelerator_check._failure(warned).startswith("failed: ValueError: bad shape")
+  found, problem = accelerator_check.run_task({"task": "imports"}, timeout=0.2)
+  assert found == [] and problem.startswith("cut: ran past the time budget")
+  assert accelerator_check.large_batch({"bytes_limit": 100, "peak_bytes": 30}, 6, 64) == 16
+  assert accelerator_check.large_batch({"peak_bytes": 30}, 6, 64) == 12

@@ -99,25 +99,22 @@ def test_float64_conversion_is_exact(source, tmp_path):
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))
-def test_cli_conversion_inpaints_like_the_project(source, tmp_path):
-  """`python -m pconv_jax.convert FILE OUT` with no other flag, then `Inpainter.from_checkpoint`."""
+def test_cli_conversion_inpaints_like_the_project(source, tmp_path, capsys):
+  """`python -m pconv_jax.convert FILE OUT` (its `main`; test_cli_errors_are_one_line starts the
+  module itself) with no other flag, then `Inpainter.from_checkpoint`."""
   path, reference, size = make(source, tmp_path)
   out = tmp_path / "checkpoint"
-  result = subprocess.run(
-    [sys.executable, "-m", "pconv_jax.convert", str(path), str(out)],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr
-  assert f"Found the {source} layout" in result.stdout
+  assert convert.main([str(path), str(out)]) == 0
+  assert f"Found the {source} layout" in capsys.readouterr().out
   pics, holes = photos(size)
   want_output, want_composite = reference.run(pics, holes)
 
   model, variables, meta = checkpoints.load_model(out)
   assert meta["layout"] == source and meta["source_sha256"]
   got_output = np.asarray(
-    model.apply(variables, images.to_model_range(pics), (~holes)[..., None].astype(np.float32))
+    jax.jit(model.apply)(
+      variables, images.to_model_range(pics), (~holes)[..., None].astype(np.float32)
+    )
   )
   assert np.abs(got_output - want_output).max() <= 1e-4 * np.abs(want_output).max()
 
