@@ -51,7 +51,7 @@ _TINY = flags.DEFINE_bool(
   "tiny", False, "Tiny shapes and a cheap torch.compile backend: a CPU test of the script."
 )
 _BUDGET = flags.DEFINE_float(
-  "budget_s", 420.0, "Start no run after this many seconds from the start (one in flight finishes)."
+  "budget_s", 420.0, "Start no run after this many seconds from the start; end any a minute later."
 )
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "Largest batch of the memory-bound row.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per run (at most).")
@@ -68,6 +68,7 @@ DTYPES = ("bfloat16", "float32")
 # exceed.
 TOLERANCES = {"highest": (1e-3, 1e-2), "default": (5e-2, 1e-1)}
 TARGETS = {EAGER: 1.5, COMPILED: 1.2, "mfu_pct": 40.0}
+RESULT = "RESULT "  # Marks a worker's result lines on its stdout.
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +252,6 @@ class Budget:
     return max(self.end_by - time.monotonic(), 1.0)
 
 
-RESULT = "RESULT "  # Marks a worker's result lines on its stdout.
 _OOM = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError")
 
 
@@ -293,7 +293,7 @@ def run_task(spec: dict[str, Any], timeout: float) -> tuple[list[Any], str | Non
 
 
 def _failure(stderr: str) -> str:
-  """ "out of memory: ..." or "failed: ...", with the last exception line first."""
+  """Why a worker failed, its last exception line first, after "out of memory: " or "failed: "."""
   lines = [line.strip() for line in stderr.splitlines() if line.strip()]
   errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)]
   last = errors[-1] if errors else (lines[-1] if lines else "no output")
