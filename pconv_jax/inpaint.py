@@ -19,8 +19,10 @@ lossy output format (JPEG) they are re-encoded.
 Mask files: white = hole (NVIDIA's convention) by default, `--mask_polarity black_hole` for the
 opposite. A mask is read as 8-bit greyscale (colour by ITU-R 601 luma, alpha ignored) and
 thresholded: grey >= 128 is white. A mask with other grey values than 0 and 255 (e.g. saved as JPEG)
-is thresholded with a warning. Folder mode pairs `photos/NAME.*` with `masks/NAME.*` and writes
-`results/NAME.png`; images of equal padded size are batched.
+is thresholded with a warning. A hole over 60% of the image (more than the paper's masks; usually a
+mask of the other polarity) gets a warning naming the flag (`HoleShareWarning` in Python). Folder
+mode pairs `photos/NAME.*` with `masks/NAME.*` and writes `results/NAME.png`; images of equal
+padded size are batched.
 """
 
 import argparse
@@ -30,6 +32,7 @@ import functools
 from pathlib import Path
 import sys
 from typing import Any
+import warnings
 
 from etils import epath
 import jax
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pconv_jax import checkpoints, images, kernels, models
+from pconv_jax import checkpoints, images, kernels, masks, models
 from pconv_jax.errors import UserError
 
 POLARITIES = ("white_hole", "black_hole")
@@ -45,6 +48,21 @@ POLARITIES = ("white_hole", "black_hole")
 
 class InpaintError(UserError, ValueError):
   """An input cannot be inpainted; the message says which and why."""
+
+
+class HoleShareWarning(UserWarning):
+  """A hole larger than any the network was trained on: often a mask of the other polarity."""
+
+
+def hole_share_problem(hole: np.ndarray, name: str, fix: str) -> str | None:
+  """A warning's text where the hole covers more of the image than the paper's masks (60%)."""
+  share, trained = float(np.mean(hole)), masks.HOLE_RATIO_BINS[-1][1]
+  if share <= trained:
+    return None
+  return (
+    f"{name}: {share:.0%} of the image is hole, more than the network was trained on (at most "
+    f"{trained:.0%}); if the mask marks the known pixels instead, {fix}."
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,6 +114,9 @@ class Inpainter:
     checked = [
       _check(image, hole, f"image {i}") for i, (image, hole) in enumerate(zip(images, holes))
     ]
+    for i, (_, hole) in enumerate(checked):
+      if problem := hole_share_problem(hole, f"image {i}", "pass its inverse (~hole)"):
+        warnings.warn(problem, HoleShareWarning, stacklevel=2)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (image, _) in enumerate(checked):
       groups.setdefault(self._padded_size(image.shape[:2]), []).append(i)
@@ -257,14 +278,14 @@ def _load_pairs(
   pairs: list[tuple[Path, Path, Path]], polarity: str
 ) -> tuple[list, list, list[str], list[str]]:
   """Reads and checks every pair before any inference: (images, holes, warnings, problems)."""
-  photos, holes, warnings, problems = [], [], [], []
+  photos, holes, cautions, problems = [], [], [], []
   flip = "black_hole" if polarity == "white_hole" else "white_hole"
   for image_path, mask_path, _ in pairs:
     try:
       image = read_image(image_path)
       hole, grey_pixels = read_hole_mask(mask_path, polarity)
       if grey_pixels:
-        warnings.append(
+        cautions.append(
           f"{mask_path}: not a binary mask ({grey_pixels} pixels are neither black nor white); "
           f"thresholded at {images.MASK_THRESHOLD}: lighter pixels count as white."
         )
@@ -282,11 +303,13 @@ def _load_pairs(
           f"--mask_polarity {flip}."
         )
       _check(image, hole, f"{image_path} with mask {mask_path}")
+      if problem := hole_share_problem(hole, str(mask_path), f"pass --mask_polarity {flip}"):
+        cautions.append(problem)
       photos.append(image)
       holes.append(hole)
     except InpaintError as e:
       problems.append(str(e))
-  return photos, holes, warnings, problems
+  return photos, holes, cautions, problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,13 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
       raise InpaintError(f"--batch_size must be positive, got {args.batch_size}.")
     pairs = _pairs(args.image, args.mask, args.output)
-    photos, holes, warnings, problems = _load_pairs(pairs, args.mask_polarity)
-    for warning in warnings:
-      print(f"warning: {warning}", file=sys.stderr)
+    photos, holes, cautions, problems = _load_pairs(pairs, args.mask_polarity)
+    for caution in cautions:
+      print(f"warning: {caution}", file=sys.stderr)
     if problems:
       raise InpaintError("\nerror: ".join(problems))
     inpainter = Inpainter.from_checkpoint(args.checkpoint, args.step, args.batch_size)
-    for (_, _, output_path), result in zip(pairs, inpainter.inpaint_many(photos, holes)):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", HoleShareWarning)  # Printed above, with the CLI's flag.
+      results = inpainter.inpaint_many(photos, holes)
+    for (_, _, output_path), result in zip(pairs, results):
       write_image(result, output_path)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,29 @@ def test_cli_black_hole_polarity(checkpoint, tmp_path, capsys):
   out = np.asarray(Image.open(tmp_path / "out.png"))
   np.testing.assert_array_equal(out, inpaint.Inpainter.from_checkpoint(checkpoint)(image, hole))
   assert "Wrote" in capsys.readouterr().out
+
+
+def test_a_mask_of_the_other_polarity_is_named_in_a_warning(
+  checkpoint, inpainter, tmp_path, capsys
+):
+  """A hole beyond the paper's 60% (a black-hole mask read as white-hole: 90% here) still inpaints,
+  with a warning naming the fix: the other --mask_polarity, or the inverse mask in Python."""
+  image, hole = photo(), hole_for(37, 53)
+  with pytest.warns(inpaint.HoleShareWarning, match=r"image 0: 90% of the image is hole.*~hole"):
+    inpainter(image, ~hole)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    inpainter(image, hole)  # 10%: no warning.
+  Image.fromarray(image).save(tmp_path / "photo.png")
+  write_mask(hole, tmp_path / "mask.png", polarity="black_hole")
+  args = ["--checkpoint", str(checkpoint), "--image", str(tmp_path / "photo.png")]
+  args += ["--mask", str(tmp_path / "mask.png"), "--output", str(tmp_path / "out.png")]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert inpaint.main(args) == 0
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("warning: ")
+  assert "90% of the image is hole" in err and "pass --mask_polarity black_hole" in err
 
 
 def test_cli_folder_mode(checkpoint, tmp_path):
