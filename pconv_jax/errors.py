@@ -1,6 +1,10 @@
 """Errors a user can fix. Entry points print their message,
 which says what to do, without a traceback."""
 
+import sys
+
+from absl import flags
+
 
 class UserError(Exception):
   """A bad configuration, input, file or environment; the message
@@ -17,3 +21,20 @@ class DataError(UserError, ValueError):
 
 class MissingDataError(DataError, FileNotFoundError):
   """A data set, folder or file that is not where the configuration says."""
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag, or a
+  `--config.FIELD=...` override that names no field, stops with one line (ml_collections' "Did you
+  mean" hint included), not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f"error: {error}. Pass --helpfull to see the flags.")
+  except (AttributeError, KeyError) as error:  # ml_collections, for an unknown field.
+    text = str(error.args[0] if error.args else error).replace("\\n", "\n").replace("\\'", "'")
+    field, _, hint = text.strip("'\" \n").partition("\n")
+    field = field.strip("'")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    flag = next((a for a in overrides if field in a.split(".")), "a --config override")
+    sys.exit(f"error: {flag}: the config has no field {field!r}. {hint}".strip())

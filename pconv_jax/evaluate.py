@@ -51,7 +51,7 @@ from pconv_jax import (
   models,
   parallel,
 )
-from pconv_jax.errors import ConfigError, UserError
+from pconv_jax.errors import ConfigError, UserError, parse_flags
 
 MODEL_METHOD = "pconv"
 IMAGE_METRICS = ("l1_percent", "psnr", "ssim")
@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
       sys.exit(f"error: {error}")
 
-  app.run(run, argv=list(argv) if argv is not None else None)
+  app.run(run, argv=list(argv) if argv is not None else None, flags_parser=parse_flags)
   return 0
 
 

@@ -6,16 +6,18 @@ started automatically there. Elsewhere give --coordinator_address/--num_processe
 the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
 """
 
+from collections.abc import Callable
 import logging
 import os
 import sys
+import threading
 
 from absl import app, flags
 import jax
 from ml_collections import config_flags
 
 from pconv_jax import evaluate, hugepages, train
-from pconv_jax.errors import UserError
+from pconv_jax.errors import UserError, parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -46,24 +48,73 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   "num_cpu_devices", None, "Simulated CPU devices per process (testing on one machine)."
 )
+flags.DEFINE_integer(
+  "distributed_timeout_s",
+  300,
+  "Seconds a multi-process job waits for all its processes to reach the coordinator.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def in_managed_cluster() -> bool:
-  """True on a multi-host Cloud TPU slice or in a multi-task Slurm
-  job (JAX then finds its peers itself)."""
+  """True on a multi-host Cloud TPU slice or in a task of a multi-task Slurm step (JAX then finds
+  its peers itself)."""
   tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in tpu_hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  return "," in tpu_hosts or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
+def slurm_without_srun() -> bool:
+  """A Slurm job of several tasks whose batch script runs Python itself, not through `srun`: no
+  step of several tasks, so no peers would ever come."""
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and not in_managed_cluster()
 
 
 def initialize_distributed() -> None:
   if FLAGS.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
+  timeout = FLAGS.distributed_timeout_s
   if FLAGS.coordinator_address:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    _within(
+      timeout,
+      f"process {FLAGS.process_id} of {FLAGS.num_processes} found no complete job at the "
+      f"coordinator {FLAGS.coordinator_address} within {timeout} s: check that it is process 0's "
+      "host:port, reachable from every host, and that every process was started",
+      lambda deadline: jax.distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        initialization_timeout=deadline,
+      ),
+    )
+  elif slurm_without_srun():
+    raise UserError(
+      f"This Slurm job has SLURM_NTASKS={os.environ['SLURM_NTASKS']} tasks, but this process was "
+      "not started as one of them: run it with `srun python -m pconv_jax.main ...` (as "
+      "launch/slurm.sbatch does), or unset SLURM_NTASKS for a single-process run."
+    )
   elif in_managed_cluster():
-    jax.distributed.initialize()
+    _within(
+      timeout,
+      f"the processes of this job did not all connect within {timeout} s",
+      lambda deadline: jax.distributed.initialize(initialization_timeout=deadline),
+    )
+
+
+def _within(seconds: int, problem: str, initialize: Callable[[int], None]) -> None:
+  """Runs `initialize(deadline)`, or after `seconds` ends the process with one line saying
+  `problem` (XLA's own deadline, a little later, would abort it with a stack trace)."""
+  done = threading.Event()
+
+  def watchdog() -> None:
+    if not done.wait(seconds):
+      print(f"error: {problem} (--distributed_timeout_s sets the wait).", file=sys.stderr)
+      sys.stderr.flush()
+      os._exit(1)
+
+  threading.Thread(target=watchdog, daemon=True).start()
+  initialize(seconds + 30)
+  done.set()
 
 
 def main(argv: list[str]) -> None:
@@ -75,7 +126,10 @@ def main(argv: list[str]) -> None:
     handler.addFilter(
       lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
     )
-  initialize_distributed()
+  try:
+    initialize_distributed()
+  except UserError as error:
+    sys.exit(f"error: {error}")
   platform = jax.devices()[0].platform
   logging.info(
     "JAX process %d of %d, %d local / %d global devices (%s).",
@@ -104,4 +158,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -5,8 +5,10 @@ import json
 import os
 from pathlib import Path
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import flax
 import jax
@@ -481,6 +483,47 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     "start the command with GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in log
   ) == hugepages.missing(env)
   assert "Restarting" not in log
+  # A typo'd field: one line with ml_collections' hint.
+  process = run_main(tmp_path, "--config.optim.batchsize=4", env=env)
+  _, log = process.communicate()
+  assert process.returncode == 1 and "Traceback" not in log
+  assert log.strip().splitlines()[-1] == (
+    "error: --config.optim.batchsize: the config has no field 'batchsize'. "
+    'Did you mean "batch_size" instead of "batchsize"?'
+  )
+
+
+def test_cluster_mistakes_end_with_one_line_in_time(tmp_path):
+  """A Slurm batch script that runs Python without srun, and a coordinator that never answers: one
+  line each, within the timeout, instead of a wait without end or XLA's abort."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  slurm = env | {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}
+  _, log = run_main(tmp_path / "a", env=slurm).communicate(timeout=120)
+  assert log.strip().splitlines()[-1] == (
+    "error: This Slurm job has SLURM_NTASKS=4 tasks, but this process was not started as one of "
+    "them: run it with `srun python -m pconv_jax.main ...` (as launch/slurm.sbatch does), or unset "
+    "SLURM_NTASKS for a single-process run."
+  )
+  with socket.socket() as unused:
+    unused.bind(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+  start = time.monotonic()
+  process = run_main(
+    tmp_path / "b",
+    f"--coordinator_address=127.0.0.1:{port}",
+    "--num_processes=2",
+    "--process_id=1",
+    "--distributed_timeout_s=3",
+    env=env,
+  )
+  _, log = process.communicate(timeout=120)
+  assert process.returncode == 1 and time.monotonic() - start < 60
+  assert log.strip().splitlines()[-1] == (
+    f"error: process 1 of 2 found no complete job at the coordinator 127.0.0.1:{port} within 3 s: "
+    "check that it is process 0's host:port, reachable from every host, and that every process "
+    "was started (--distributed_timeout_s sets the wait)."
+  )
+  assert "Traceback" not in log and "Check failure" not in log
 
 
 def test_eta_shows_days():
