@@ -8,7 +8,11 @@ and `meta`, so they never need the optimizer.
 """
 
 from collections.abc import Callable, Mapping
+import contextlib
+import json
 import logging
+import os
+import re
 import time
 from typing import Any
 
@@ -31,6 +35,10 @@ TRAIN_ITEMS = (MODEL, OPT_STATE, DATA, META)
 
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint is missing or unreadable; the message says what to do."""
+
+
+class SaveError(CheckpointError):
+  """A checkpoint could not be written (storage full, permissions, quota, the object store)."""
 
 
 def _absolute(path: str | epath.Path) -> epath.Path:
@@ -85,12 +93,12 @@ def load_model(
       try:
         return _restore_model(manager, candidate)
       except Exception as error:  # Orbax raises many types for truncated or corrupt files.
-        if i + 1 == len(steps):
+        if i + 1 == len(steps) or not is_corrupt(error):
           raise CheckpointError(
             f"Cannot read checkpoint step {candidate} in {directory}: {error}"
           ) from error
         logging.warning(
-          "Checkpoint step %d in %s is unreadable (%s); falling back to step %d.",
+          "Checkpoint step %d in %s is corrupt (%s); falling back to step %d.",
           candidate,
           directory,
           error,
@@ -121,9 +129,13 @@ def abstract_variables(
 
 
 def train_manager(directory: str | epath.Path, max_to_keep: int) -> ocp.CheckpointManager:
-  """The training run's manager: asynchronous saves, the newest `max_to_keep` steps kept."""
+  """The training run's manager: asynchronous saves, the newest `max_to_keep` steps kept, and the
+  temporary directory of a save that never finished removed."""
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+    max_to_keep=max_to_keep,
+    create=True,
+    enable_async_checkpointing=True,
+    cleanup_tmp_directories=True,
   )
   return ocp.CheckpointManager(_absolute(directory), item_names=TRAIN_ITEMS, options=options)
 
@@ -131,20 +143,90 @@ def train_manager(directory: str | epath.Path, max_to_keep: int) -> ocp.Checkpoi
 def save_train_state(
   manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: Mapping[str, Any]
 ) -> None:
-  """Starts an asynchronous save of `state` (params, batch_stats,
-  opt_state), the input iterator and `meta`."""
-  manager.save(
-    step,
-    force=True,
-    args=ocp.args.Composite(
-      **{
-        MODEL: ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
-        OPT_STATE: ocp.args.StandardSave(state.opt_state),
-        DATA: grain.checkpoint.CheckpointSave(data_iter),
-        META: ocp.args.JsonSave(dict(meta)),
-      }
-    ),
+  """Starts an asynchronous save of `state` (params, batch_stats, opt_state), the input iterator
+  and `meta`. A SaveError if this save, or the asynchronous one before it, failed."""
+  with _save_errors(manager, step):
+    manager.save(
+      step,
+      force=True,
+      args=ocp.args.Composite(
+        **{
+          MODEL: ocp.args.StandardSave({"params": state.params, "batch_stats": state.batch_stats}),
+          OPT_STATE: ocp.args.StandardSave(state.opt_state),
+          DATA: grain.checkpoint.CheckpointSave(data_iter),
+          META: ocp.args.JsonSave(dict(meta)),
+        }
+      ),
+    )
+
+
+def finish_saving(manager: ocp.CheckpointManager, step: int) -> None:
+  """Waits for the asynchronous save of `step`; a SaveError if it failed."""
+  with _save_errors(manager, step):
+    manager.wait_until_finished()
+
+
+# Status codes of tensorstore's (and object stores') write errors.
+_STORAGE_CODES = r"\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED)\b"
+
+
+@contextlib.contextmanager
+def _save_errors(manager: ocp.CheckpointManager, step: int):
+  """Turns a failed save into one SaveError naming the step, the cause and the last complete
+  checkpoint."""
+  try:
+    yield
+  except Exception as error:  # Orbax raises the storage's errors in many types.
+    text = " ".join(str(e) for e in _chain(error))
+    code = re.search(r"os_error_code='(\d+)'", text)
+    oserror = next((e for e in _chain(error) if isinstance(e, OSError) and e.strerror), None)
+    if not (code or oserror or re.search(_STORAGE_CODES, text)):
+      raise  # Not the storage's: a bug to see with its traceback.
+    directory = epath.Path(manager.directory)
+    # The step whose save failed: the one left unfinished (an earlier asynchronous save's errors
+    # are raised by the next save), or this one.
+    try:
+      unfinished = [p.name.split(".")[0] for p in directory.glob("*.orbax-checkpoint-tmp*")]
+    except OSError:  # The storage may not even be listable now.
+      unfinished = []
+    failed = max((int(n) for n in unfinished if n.isdigit()), default=step)
+    cause = (
+      os.strerror(int(code.group(1)))
+      if code
+      else oserror.strerror
+      if oserror
+      else f"{type(error).__name__}: {str(error)[:300]}"
+    )
+    raise SaveError(
+      f"Saving checkpoint step {failed} in {directory} failed: {cause}. {what_was_kept(directory)}"
+    ) from None
+
+
+def what_was_kept(directory: str | epath.Path) -> str:
+  """What a run stopped by its storage leaves, and how to go on (for its error message)."""
+  directory = epath.Path(directory)
+  try:  # Finished steps are directories named by their number (unfinished ones are not).
+    kept = max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=None)
+  except OSError:  # Missing, or the storage is not even listable now.
+    kept = None
+  where = (
+    f"the last complete checkpoint, step {kept} in {directory}, is intact"
+    if kept is not None
+    else f"no complete checkpoint is in {directory} yet"
   )
+  return (
+    f"Nothing else was lost: {where}. Free space (or fix the permissions or quota) and rerun the "
+    "same command to resume."
+  )
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the errors it was raised from or during."""
+  chain = []
+  while error is not None and error not in chain:
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  return chain
 
 
 def restore_train_state(
@@ -152,18 +234,20 @@ def restore_train_state(
 ) -> tuple[Any, dict] | None:
   """Restores the newest readable step into `abstract_state(meta)`; None if there is no checkpoint.
 
-  A step that cannot be read on some process (after one retry) is moved to
-  `<directory>/../corrupt_checkpoints/` by every process together, and the previous step is tried.
-  Errors of `abstract_state` (a config that does not fit the checkpoint) propagate. The input
-  iterator is restored too; if it was saved by a different number of processes, it is positioned at
-  the checkpoint's step instead (batches are a function of seed and step).
+  A step that is demonstrably corrupt (its data or metadata do not decode, or files of it are
+  missing) on some process is moved to `<directory>/../corrupt_checkpoints/` by every process
+  together, and the previous step is tried. Any other read error (storage, permissions, memory,
+  an object store's outage) is retried `READ_ATTEMPTS` times and then stops the run with a
+  CheckpointError, the step left in place. Errors of `abstract_state` (a config that does not fit
+  the checkpoint) propagate. The input iterator is restored too; if it was saved by a different
+  number of processes, it is positioned at the checkpoint's step instead (batches are a function of
+  seed and step).
   """
   for step in sorted(manager.all_steps(), reverse=True):
     meta, error = _attempt(
       lambda: manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     )
-    if _failed_anywhere(error):
-      _quarantine(manager, step, error)
+    if _agreed_failure(manager, step, error):
       continue
     abstract = abstract_state(meta)
     restored, error = _attempt(
@@ -179,8 +263,7 @@ def restore_train_state(
         ),
       )
     )
-    if _failed_anywhere(error):
-      _quarantine(manager, step, error)
+    if _agreed_failure(manager, step, error):
       continue
     state = abstract.replace(
       step=jax.device_put(np.int32(step), abstract.step.sharding),
@@ -205,30 +288,66 @@ def restore_train_state(
   return None
 
 
+READ_ATTEMPTS = 3
+RETRY_SECONDS = 2.0  # Before the second attempt; doubled before each further one.
+# Status codes (tensorstore's, in orbax's errors) of data that does not decode or is missing.
+_CORRUPT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "INVALID_ARGUMENT")
+
+
+def is_corrupt(error: BaseException) -> bool:
+  """Whether a read error shows the checkpoint itself is damaged (undecodable data or metadata,
+  missing files), as opposed to a storage, permission or resource problem that may pass."""
+  return any(
+    isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError))
+    or (isinstance(e, ValueError) and str(e).lstrip("'\"").startswith(_CORRUPT_CODES))
+    for e in _chain(error)
+  )
+
+
 def _attempt(read: Callable[[], Any]) -> tuple[Any, Exception | None]:
-  """(read(), None), or (None, the error) if it failed twice (object
-  stores have transient read errors)."""
-  error = None
-  for _ in range(2):
+  """(read(), None), or (None, the last error): a corrupt step is read twice, any other error
+  `READ_ATTEMPTS` times with a growing pause (object stores have transient errors)."""
+  error, pause = None, RETRY_SECONDS
+  for attempt in range(READ_ATTEMPTS):
     try:
       return read(), None
     except Exception as e:  # Orbax raises many types for truncated or corrupt files.
       error = e
+    if attempt + 1 == READ_ATTEMPTS or (is_corrupt(error) and attempt == 1):
+      break
+    if not is_corrupt(error):
+      logging.warning("Reading a checkpoint failed (%s); retrying in %.0f s.", error, pause)
+      time.sleep(pause)
+      pause *= 2
   return None, error
 
 
-def _failed_anywhere(error: Exception | None) -> bool:
-  """Whether any process failed: all processes must take the
-  same branch, or collectives deadlock."""
-  return bool(multihost_utils.process_allgather(np.int32(error is not None)).any())
+def _agreed_failure(manager: ocp.CheckpointManager, step: int, error: Exception | None) -> bool:
+  """Whether reading `step` failed on any process, decided the same way on all (or collectives
+  deadlock): True after moving a corrupt step aside; a CheckpointError, the step kept, where a
+  process saw another error."""
+  status = 0 if error is None else 1 if is_corrupt(error) else 2
+  worst = int(multihost_utils.process_allgather(np.int32(status)).max())
+  directory = epath.Path(manager.directory)
+  if worst == 2:
+    cause = f"{type(error).__name__}: {error}" if status == 2 else "an error on another process"
+    raise CheckpointError(
+      f"Cannot read checkpoint step {step} in {directory} after {READ_ATTEMPTS} attempts "
+      f"({cause}). This is not corruption (storage, permissions, memory or an outage): the step is "
+      f"kept. Fix the cause and rerun to resume from it; only if it is damaged, move "
+      f"{directory / str(step)} aside to resume from the previous step."
+    )
+  if worst == 1:
+    _quarantine(manager, step, error)
+  return worst == 1
 
 
 def _quarantine(manager: ocp.CheckpointManager, step: int, error: Exception | None) -> None:
   directory = epath.Path(manager.directory)
   target = directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
   logging.error(
-    "Checkpoint step %d in %s is unreadable (%s); moving it to %s and falling back to the "
-    "previous step.",
+    "Checkpoint step %d in %s is corrupt, unreadable (%s); moving it to %s and falling back to "
+    "the previous step.",
     step,
     directory,
     f"{type(error).__name__}: {error}" if error else "on another process",

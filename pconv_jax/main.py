@@ -7,16 +7,19 @@ the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCES
 """
 
 from collections.abc import Callable
+import errno
 import logging
 import os
 import sys
 import threading
+from typing import Any
 
 from absl import app, flags
+from etils import epath
 import jax
 from ml_collections import config_flags
 
-from pconv_jax import evaluate, hugepages, train
+from pconv_jax import checkpoints, evaluate, hugepages, train
 from pconv_jax.errors import UserError, parse_flags
 
 FLAGS = flags.FLAGS
@@ -121,11 +124,9 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  # Orbax's per-file INFO lines drown the progress lines.
   for handler in logging.getLogger().handlers:
-    handler.addFilter(
-      lambda record: record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-    )
+    handler.addFilter(_quiet_orbax)
+  sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
   try:
     initialize_distributed()
   except UserError as error:
@@ -152,9 +153,53 @@ def main(argv: list[str]) -> None:
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     else:
       evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  except checkpoints.SaveError as error:
+    _exit_at_once(str(error))
   except (UserError, FloatingPointError) as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
+  except OSError as error:
+    if error.errno not in STORAGE_ERRNOS:
+      raise
+    _exit_at_once(
+      f"Cannot write {error.filename or f'in {FLAGS.workdir}'}: {error.strerror}. "
+      + checkpoints.what_was_kept(epath.Path(FLAGS.workdir) / "checkpoints")
+    )
+
+
+def _exit_at_once(message: str) -> None:
+  """Reports a storage failure and exits without the exit handlers, whose writes (TensorBoard's
+  event files, say) would fail again on the same storage, each with a traceback."""
+  logging.error("%s", message)
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
+# A full disk, a quota, a read-only or forbidden directory: the user's to fix, not a bug.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _without_closed_loop_noise(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`sys.unraisablehook` without the "Event loop is closed" tracebacks that tensorstore's
+  callbacks report by the dozen once a failed save's event loop has gone (the failure itself is
+  reported)."""
+
+  def quieter(unraisable: Any) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      hook(unraisable)
+
+  return quieter
+
+
+def _quiet_orbax(record: logging.LogRecord) -> bool:
+  """Orbax's lines without its per-file INFO lines (they drown the progress lines) and without the
+  tracebacks of its threads (a failed save is reported once, as one line)."""
+  if "/orbax/" not in record.pathname:
+    return True
+  record.exc_info, record.exc_text = None, None
+  return record.levelno >= logging.WARNING
 
 
 if __name__ == "__main__":

@@ -320,7 +320,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
       model, create_optimizer(meta["stage"], config), mesh, config.data.image_size
     )
 
-  restored = checkpoints.restore_train_state(manager, abstract, data_iter)
+  try:
+    restored = checkpoints.restore_train_state(manager, abstract, data_iter)
+  except BaseException:
+    data_iter.close()
+    manager.close()
+    raise
   if restored is not None:
     state, meta = restored
     state_stage = meta["stage"]
@@ -358,6 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   preemption = PreemptionWatcher()
   pending: list[dict[str, jax.Array]] = []
   last_log = (time.perf_counter(), step)
+  saved, finished = step, False
   try:
     while step < total_steps:
       stage = stage_at(step, stages)
@@ -398,17 +404,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
           "vgg_losses": vgg_variables is not None,
         }
         checkpoints.save_train_state(manager, step, state, data_iter, meta)
+        saved = step
       if preempted:
         logging.warning(
           "Preemption signal: saved step %d; exiting. Rerun the same command to resume.", step
         )
         break
-    manager.wait_until_finished()
+    checkpoints.finish_saving(manager, saved)
+    finished = True
   finally:
     preemption.close()
-    data_iter.close()
-    writer.close()
-    manager.close()
+    # After a failure (a full disk, say) closing may fail again: that must not hide the first error.
+    for close in (data_iter.close, writer.close, manager.close):
+      try:
+        close()
+      except Exception:
+        if finished:
+          raise
   if step == total_steps and config.eval.at_end:
     evaluate.evaluate(config, workdir)
   return state

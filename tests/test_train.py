@@ -4,6 +4,7 @@ non-finite steps, resume and bad configs."""
 import json
 import os
 from pathlib import Path
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import tiny_config
 
@@ -304,6 +306,101 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   shutil.rmtree(tmp_path / "checkpoints" / "4")
   config.stages.finetune_steps = 2
   assert int(train.train_and_evaluate(config, tmp_path).step) == 5
+
+
+def test_a_transient_read_error_keeps_the_newest_checkpoint(tmp_path, monkeypatch):
+  """A read error that is not corruption (here permissions, then an object store's outage) is
+  retried; if it stays, the run stops with the newest step in place; if it passes, training resumes
+  from that step."""
+  config = tiny_config.get_config()
+  config.stages.finetune_steps = 0
+  train.train_and_evaluate(config, tmp_path)
+  monkeypatch.setattr(checkpoints, "RETRY_SECONDS", 0.01)
+  restore = ocp.CheckpointManager.restore
+  attempts = []
+
+  def denied(self, step, *args, **kwargs):
+    attempts.append(step)
+    raise PermissionError(13, "Permission denied", str(tmp_path / "checkpoints" / str(step)))
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  config.stages.finetune_steps = 1
+  with pytest.raises(
+    checkpoints.CheckpointError,
+    match=r"Cannot read checkpoint step 3 .* after 3 attempts \(PermissionError: .* step is kept",
+  ):
+    train.train_and_evaluate(config, tmp_path)
+  assert attempts == [3, 3, 3] and (tmp_path / "checkpoints" / "3").is_dir()
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+
+  outages = [ValueError("UNAVAILABLE: the object store did not answer")]
+
+  def flaky(self, *args, **kwargs):
+    if outages:
+      raise outages.pop()
+    return restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+  assert int(train.train_and_evaluate(config, tmp_path).step) == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB tmpfs (needs root, as CI has); skipped where mounting is not allowed."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, check=False
+  )
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+  yield disk
+  subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(small_disk):
+  """Training on a 1 MiB disk: one error line naming the step, the cause and the last complete
+  checkpoint (no traceback); that checkpoint loads, and with space the same run resumes from it."""
+  workdir = small_disk / "w"
+  process = run_main(workdir, env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"})
+  _, log = process.communicate(timeout=300)
+  last = log.strip().splitlines()[-1]
+  assert process.returncode == 1 and "Traceback" not in log, log[-3000:]
+  # A checkpoint's save or another write (logs, samples) hits the full disk first.
+  match = re.fullmatch(
+    r"error: (?:Saving checkpoint step \d+ in \S+ failed|Cannot write (?:in )?\S+): "
+    r"No space left on device\. Nothing else was lost: the last complete checkpoint, "
+    r"step (\d+) in (\S+), is intact\. Free space \(or fix the permissions or quota\) and "
+    r"rerun the same command to resume\.",
+    last,
+  )
+  assert match and match[2] == str(workdir / "checkpoints"), last
+  kept = int(match[1])
+  assert checkpoints.load_model(workdir / "checkpoints")[2]["step"] == kept
+
+  subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+  config = tiny_config.get_config()
+  assert int(train.train_and_evaluate(config, workdir).step) == 6
+  assert not list((workdir / "checkpoints").glob("*tmp*"))
+
+
+def test_only_errors_of_damaged_data_count_as_corruption():
+  damaged = [
+    json.JSONDecodeError("Unterminated string", "{", 0),
+    ValueError('DATA_LOSS: Error opening "zarr" driver'),
+    ValueError('OUT_OF_RANGE: Error reading "w/.zarray" in OCDBT database'),
+    ValueError('NOT_FOUND: Metadata at "w/.zarray" does not exist'),
+    FileNotFoundError("_CHECKPOINT_METADATA"),
+  ]
+  passing = [
+    PermissionError(13, "Permission denied"),
+    MemoryError(),
+    OSError(28, "No space left on device"),
+    ValueError("UNAVAILABLE: the object store did not answer"),
+    ValueError("RESOURCE_EXHAUSTED: out of memory"),
+  ]
+  assert all(checkpoints.is_corrupt(e) for e in damaged)
+  assert not any(checkpoints.is_corrupt(e) for e in passing)
 
 
 def test_resume_at_the_stage_boundary_equals_one_run(tmp_path):
