@@ -467,7 +467,7 @@ def main(argv: Sequence[str]) -> None:
   the_plan = plan(_TINY.value)
   report = Report(_JSON.value)
   budget = Budget(_BUDGET.value)
-  _, problem = run_task({"task": "imports"}, budget.timeout())
+  _, problem = report.run({"task": "imports"}, budget.timeout())
   if problem:
     print(
       f"error: pconv_jax cannot be imported here ({problem.split(' | ')[0]}); install the "
@@ -475,7 +475,7 @@ def main(argv: Sequence[str]) -> None:
       file=sys.stderr,
     )
     sys.exit(3)
-  found, problem = run_task({"task": "correctness", **the_plan["check"]}, budget.timeout())
+  found, problem = report.run({"task": "correctness", **the_plan["check"]}, budget.timeout())
   device = found[0] if found else {}
   report.correctness = found[1:] + (
     [{"check": "correctness run", "passed": False, "problem": problem}] if problem else []
@@ -487,7 +487,7 @@ def main(argv: Sequence[str]) -> None:
   skip_torch = _torch_problem(device.get("platform"))
   if skip_torch:
     print(f"PyTorch not timed: {skip_torch}", flush=True)
-  found, problem = run_task({"task": "ceilings", "size": the_plan["matmul"]}, budget.timeout())
+  found, problem = report.run({"task": "ceilings", "size": the_plan["matmul"]}, budget.timeout())
   for c in found:
     c["tflops"] = 2 * the_plan["matmul"] ** 3 / statistics.median(c["times"]) / 1e12
     report.ceilings[c["dtype"]] = c
@@ -505,12 +505,12 @@ def main(argv: Sequence[str]) -> None:
       report.results.append({**row, "problem": f"skipped: {why}"})
       continue
     spec = timing_spec(row, the_plan, batch)
-    runs, problem = run_task(spec, budget.timeout())
+    runs, problem = report.run(spec, budget.timeout())
     while problem and problem.startswith("out of memory") and row["batch"] is None:
       if spec["batch"] // 2 <= the_plan["rows"][0][1] or budget.spent():
         break
       spec["batch"] //= 2
-      runs, problem = run_task(spec, budget.timeout())
+      runs, problem = report.run(spec, budget.timeout())
     for run in runs:
       report.results.append(summarise(row, spec, run, report.ceilings))
       r = report.results[-1]
@@ -555,12 +555,20 @@ class Report:
     self.ceilings: dict[str, Any] = {}
     self.results: list[dict[str, Any]] = []
     self.targets: list[dict[str, Any]] = []
+    self.tasks: list[dict[str, Any]] = []  # Every worker: what it ran, its wall time, its problem.
+
+  def run(self, spec: dict[str, Any], timeout: float) -> tuple[list[Any], str | None]:
+    """`run_task`, recorded."""
+    start = time.monotonic()
+    found, problem = run_task(spec, timeout)
+    self.tasks.append({**spec, "wall_s": time.monotonic() - start, "problem": problem})
+    return found, problem
 
   def correct(self) -> bool:
     return bool(self.correctness) and all(c["passed"] for c in self.correctness)
 
   def write(self) -> None:
-    fields = ("command", "started", "correctness", "ceilings", "results", "targets")
+    fields = ("command", "started", "correctness", "ceilings", "results", "targets", "tasks")
     report = {name: getattr(self, name) for name in fields}
     report |= {"correct": self.correct(), "table": format_table(self.results)}
     with open(self.path, "w") as f:

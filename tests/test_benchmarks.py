@@ -93,6 +93,11 @@ def test_accelerator_check_runs_at_a_tiny_size(tmp_path):
   assert all(r["images_per_s"] > 0 and r["mfu_pct"] > 0 for r in results["results"])
   assert "| pconv_jax | bfloat16 | 32 | 2 | train |" in proc.stdout
   assert "train MFU %" in {t["target"] for t in results["targets"]}
+  tasks = [t["task"] for t in results["tasks"]]
+  assert (
+    tasks[:3] == ["imports", "correctness", "ceilings"] and tasks.count("time") == len(timed) / 2
+  )
+  assert all(t["wall_s"] > 0 and t["problem"] is None for t in results["tasks"])
 
 
 def test_accelerator_check_records_what_stops_a_run():
