@@ -7,8 +7,9 @@ holding the item `model` (the Flax variables `params` and `batch_stats`) and the
 and `meta`, so they never need the optimizer.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -166,57 +167,81 @@ def finish_saving(manager: ocp.CheckpointManager, step: int) -> None:
     manager.wait_until_finished()
 
 
-# Status codes of tensorstore's (and object stores') write errors.
-_STORAGE_CODES = r"\b(RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED)\b"
+# A full disk, a quota, a read-only or forbidden directory: the user's to fix, not a bug.
+STORAGE_ERRNOS = {
+  errno.ENOSPC: "free space",
+  errno.EDQUOT: "raise the quota or free space",
+  errno.EROFS: "make the storage writable",
+  errno.EACCES: "fix the permissions",
+  errno.EPERM: "fix the permissions",
+}
+# Tensorstore's (and object stores') status codes of storage problems, with what to do.
+_STORAGE_CODES = {
+  "RESOURCE_EXHAUSTED": "free space or raise the quota",
+  "PERMISSION_DENIED": "fix the permissions",
+  "UNAVAILABLE": "wait for the storage to answer again",
+}
 
 
 @contextlib.contextmanager
-def _save_errors(manager: ocp.CheckpointManager, step: int):
-  """Turns a failed save into one SaveError naming the step, the cause and the last complete
-  checkpoint."""
+def _save_errors(manager: ocp.CheckpointManager, step: int) -> Iterator[None]:
+  """Turns a failed save into one SaveError naming the step, the cause, what to do and the last
+  complete checkpoint; other errors (bugs) propagate as they are."""
   try:
     yield
   except Exception as error:  # Orbax raises the storage's errors in many types.
-    text = " ".join(str(e) for e in _chain(error))
-    code = re.search(r"os_error_code='(\d+)'", text)
-    oserror = next((e for e in _chain(error) if isinstance(e, OSError) and e.strerror), None)
-    if not (code or oserror or re.search(_STORAGE_CODES, text)):
-      raise  # Not the storage's: a bug to see with its traceback.
-    directory = epath.Path(manager.directory)
-    # The step whose save failed: the one left unfinished (an earlier asynchronous save's errors
-    # are raised by the next save), or this one.
-    try:
-      unfinished = [p.name.split(".")[0] for p in directory.glob("*.orbax-checkpoint-tmp*")]
-    except OSError:  # The storage may not even be listable now.
-      unfinished = []
-    failed = max((int(n) for n in unfinished if n.isdigit()), default=step)
-    cause = (
-      os.strerror(int(code.group(1)))
-      if code
-      else oserror.strerror
-      if oserror
-      else f"{type(error).__name__}: {str(error)[:300]}"
-    )
+    cause, remedy = storage_problem(error)
+    if cause is None:
+      raise
+    kept = last_complete_step(manager.directory)
+    try:  # A failed step's directory is left unfinished (local) or uncommitted (object stores).
+      started = [int(m[1]) for p in epath.Path(manager.directory).iterdir() if (m := _STEP(p.name))]
+    except OSError:
+      started = []
+    # An asynchronous save's error is raised by the next save: the failed step is the newest one
+    # started after the last complete one.
+    failed = max((n for n in started if kept is None or n > kept), default=step)
     raise SaveError(
-      f"Saving checkpoint step {failed} in {directory} failed: {cause}. {what_was_kept(directory)}"
+      f"Saving checkpoint step {failed} in {manager.directory} failed: {cause}. "
+      + how_to_resume(manager.directory, remedy, kept)
     ) from None
 
 
-def what_was_kept(directory: str | epath.Path) -> str:
-  """What a run stopped by its storage leaves, and how to go on (for its error message)."""
-  directory = epath.Path(directory)
-  try:  # Finished steps are directories named by their number (unfinished ones are not).
-    kept = max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=None)
-  except OSError:  # Missing, or the storage is not even listable now.
-    kept = None
-  where = (
-    f"the last complete checkpoint, step {kept} in {directory}, is intact"
-    if kept is not None
-    else f"no complete checkpoint is in {directory} yet"
-  )
+_STEP = re.compile(r"(\d+)(\.|$)").match
+
+
+def storage_problem(error: BaseException) -> tuple[str | None, str]:
+  """(the cause, what to do) where `error` is the storage's (full, forbidden, unavailable), else
+  (None, "")."""
+  for e in _chain(error):
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+      return e.strerror or os.strerror(e.errno), STORAGE_ERRNOS[e.errno]
+    code = re.search(r"os_error_code='(\d+)'", str(e))
+    if code and int(code[1]) in STORAGE_ERRNOS:
+      return os.strerror(int(code[1])), STORAGE_ERRNOS[int(code[1])]
+    status = next((c for c in _STORAGE_CODES if str(e).lstrip("'\"").startswith(c)), None)
+    if status:
+      return str(e).lstrip("'\"")[:300], _STORAGE_CODES[status]
+  return None, ""
+
+
+def last_complete_step(directory: str | epath.Path) -> int | None:
+  """The newest step orbax counts as complete in `directory` (on object stores too), or None."""
+  try:
+    options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    with ocp.CheckpointManager(_absolute(directory), options=options) as manager:
+      return manager.latest_step()
+  except Exception:  # Missing, or the storage is not even listable now.
+    return None
+
+
+def how_to_resume(directory: str | epath.Path, remedy: str, kept: int | None) -> str:
+  """The end of a storage error's message: what is kept, and how to go on."""
+  if kept is None:
+    return f"No checkpoint in {directory} is complete yet: {remedy} and rerun the same command."
   return (
-    f"Nothing else was lost: {where}. Free space (or fix the permissions or quota) and rerun the "
-    "same command to resume."
+    f"The last complete checkpoint, step {kept} in {directory}, is intact: {remedy} and rerun "
+    f"the same command to resume from it (the steps after {kept} are trained again)."
   )
 
 
@@ -243,11 +268,12 @@ def restore_train_state(
   number of processes, it is positioned at the checkpoint's step instead (batches are a function of
   seed and step).
   """
+  moved: list[int] = []
   for step in sorted(manager.all_steps(), reverse=True):
     meta, error = _attempt(
       lambda: manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
     )
-    if _agreed_failure(manager, step, error):
+    if _agreed_failure(manager, step, error, moved):
       continue
     abstract = abstract_state(meta)
     restored, error = _attempt(
@@ -263,7 +289,7 @@ def restore_train_state(
         ),
       )
     )
-    if _agreed_failure(manager, step, error):
+    if _agreed_failure(manager, step, error, moved):
       continue
     state = abstract.replace(
       step=jax.device_put(np.int32(step), abstract.step.sharding),
@@ -322,10 +348,13 @@ def _attempt(read: Callable[[], Any]) -> tuple[Any, Exception | None]:
   return None, error
 
 
-def _agreed_failure(manager: ocp.CheckpointManager, step: int, error: Exception | None) -> bool:
+def _agreed_failure(
+  manager: ocp.CheckpointManager, step: int, error: Exception | None, moved: list[int]
+) -> bool:
   """Whether reading `step` failed on any process, decided the same way on all (or collectives
-  deadlock): True after moving a corrupt step aside; a CheckpointError, the step kept, where a
-  process saw another error."""
+  deadlock): True after moving a corrupt step aside (and adding it to `moved`); a CheckpointError,
+  the step kept, where a process saw another error, or where a step was moved aside already (two
+  corrupt steps in a row more likely mean a misjudged error than damage)."""
   status = 0 if error is None else 1 if is_corrupt(error) else 2
   worst = int(multihost_utils.process_allgather(np.int32(status)).max())
   directory = epath.Path(manager.directory)
@@ -337,8 +366,15 @@ def _agreed_failure(manager: ocp.CheckpointManager, step: int, error: Exception 
       f"kept. Fix the cause and rerun to resume from it; only if it is damaged, move "
       f"{directory / str(step)} aside to resume from the previous step."
     )
+  if worst == 1 and moved:
+    raise CheckpointError(
+      f"Checkpoint step {step} in {directory} is unreadable too, after step {moved[0]} was moved "
+      f"to {directory.parent / 'corrupt_checkpoints'}: stopping rather than moving more aside. "
+      f"Check the storage; move {directory / str(step)} aside yourself to go on from an older step."
+    )
   if worst == 1:
     _quarantine(manager, step, error)
+    moved.append(step)
   return worst == 1
 
 

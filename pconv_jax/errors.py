@@ -36,5 +36,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     field, _, hint = text.strip("'\" \n").partition("\n")
     field = field.strip("'")
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    flag = next((a for a in overrides if field in a.split(".")), "a --config override")
+    flag = next((a for a in overrides if field in a.split(".")), None)
+    if flag is None:
+      raise  # Not an override's field: an error in the config file, to see with its traceback.
     sys.exit(f"error: {flag}: the config has no field {field!r}. {hint}".strip())

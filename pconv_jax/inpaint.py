@@ -102,13 +102,18 @@ class Inpainter:
     Returns an array like `image` (same shape and dtype) whose pixels outside the hole are
     `image`'s.
     """
-    return self.inpaint_many([image], [hole])[0]
+    return self._inpaint([image], [hole], warning_stacklevel=3)[0]
 
   def inpaint_many(
     self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray]
   ) -> list[np.ndarray]:
     """Inpaints many images (sizes may differ): those of equal padded size run together,
     `batch_size` at a time."""
+    return self._inpaint(images, holes, warning_stacklevel=3)
+
+  def _inpaint(
+    self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray], warning_stacklevel: int
+  ) -> list[np.ndarray]:
     if len(images) != len(holes):
       raise InpaintError(f"Got {len(images)} images but {len(holes)} hole masks.")
     checked = [
@@ -116,7 +121,7 @@ class Inpainter:
     ]
     for i, (_, hole) in enumerate(checked):
       if problem := hole_share_problem(hole, f"image {i}", "pass its inverse (~hole)"):
-        warnings.warn(problem, HoleShareWarning, stacklevel=2)
+        warnings.warn(problem, HoleShareWarning, stacklevel=warning_stacklevel)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (image, _) in enumerate(checked):
       groups.setdefault(self._padded_size(image.shape[:2]), []).append(i)

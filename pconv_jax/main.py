@@ -7,7 +7,6 @@ the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCES
 """
 
 from collections.abc import Callable
-import errno
 import logging
 import os
 import sys
@@ -76,6 +75,8 @@ def initialize_distributed() -> None:
   if FLAGS.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
   timeout = FLAGS.distributed_timeout_s
+  if timeout <= 0:
+    raise UserError(f"--distributed_timeout_s must be positive, got {timeout}.")
   if FLAGS.coordinator_address:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     _within(
@@ -116,8 +117,10 @@ def _within(seconds: int, problem: str, initialize: Callable[[int], None]) -> No
       os._exit(1)
 
   threading.Thread(target=watchdog, daemon=True).start()
-  initialize(seconds + 30)
-  done.set()
+  try:
+    initialize(seconds + 30)
+  finally:
+    done.set()
 
 
 def main(argv: list[str]) -> None:
@@ -127,6 +130,7 @@ def main(argv: list[str]) -> None:
   for handler in logging.getLogger().handlers:
     handler.addFilter(_quiet_orbax)
   sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+  threading.excepthook = _storage_errors_in_one_line(threading.excepthook)
   try:
     initialize_distributed()
   except UserError as error:
@@ -159,11 +163,13 @@ def main(argv: list[str]) -> None:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
   except OSError as error:
-    if error.errno not in STORAGE_ERRNOS:
+    cause, remedy = checkpoints.storage_problem(error)
+    if cause is None:
       raise
+    directory = epath.Path(FLAGS.workdir) / "checkpoints"
     _exit_at_once(
-      f"Cannot write {error.filename or f'in {FLAGS.workdir}'}: {error.strerror}. "
-      + checkpoints.what_was_kept(epath.Path(FLAGS.workdir) / "checkpoints")
+      f"Storage error on {error.filename or FLAGS.workdir}: {cause}. "
+      + checkpoints.how_to_resume(directory, remedy, checkpoints.last_complete_step(directory))
     )
 
 
@@ -176,10 +182,6 @@ def _exit_at_once(message: str) -> None:
   os._exit(1)
 
 
-# A full disk, a quota, a read-only or forbidden directory: the user's to fix, not a bug.
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 def _without_closed_loop_noise(hook: Callable[[Any], None]) -> Callable[[Any], None]:
   """`sys.unraisablehook` without the "Event loop is closed" tracebacks that tensorstore's
   callbacks report by the dozen once a failed save's event loop has gone (the failure itself is
@@ -189,6 +191,19 @@ def _without_closed_loop_noise(hook: Callable[[Any], None]) -> Callable[[Any], N
     value = unraisable.exc_value
     if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
       hook(unraisable)
+
+  return quieter
+
+
+def _storage_errors_in_one_line(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`threading.excepthook` that logs a background writer's storage error (TensorBoard's event
+  writer on a full disk, say) as one line; the run's own error says what to do."""
+
+  def quieter(args: Any) -> None:
+    if args.exc_value is not None and checkpoints.storage_problem(args.exc_value)[0]:
+      logging.warning("Thread %s stopped: %s", getattr(args.thread, "name", "?"), args.exc_value)
+    else:
+      hook(args)
 
   return quieter
 

@@ -414,13 +414,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
     finished = True
   finally:
     preemption.close()
-    # After a failure (a full disk, say) closing may fail again: that must not hide the first error.
+    # Everything is closed; after a failure (a full disk, say) closing may fail again, which must
+    # not hide the first error.
+    problems = []
     for close in (data_iter.close, writer.close, manager.close):
       try:
         close()
-      except Exception:
-        if finished:
-          raise
+      except Exception as error:
+        logging.warning("Closing after the run: %s", error)
+        problems.append(error)
+    if finished and problems:
+      raise problems[0]
   if step == total_steps and config.eval.at_end:
     evaluate.evaluate(config, workdir)
   return state

@@ -1,6 +1,7 @@
 """Training: a two-stage run, sharding parity, the frozen encoder,
 non-finite steps, resume and bad configs."""
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import flax
 import jax
@@ -368,10 +370,9 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(small_d
   assert process.returncode == 1 and "Traceback" not in log, log[-3000:]
   # A checkpoint's save or another write (logs, samples) hits the full disk first.
   match = re.fullmatch(
-    r"error: (?:Saving checkpoint step \d+ in \S+ failed|Cannot write (?:in )?\S+): "
-    r"No space left on device\. Nothing else was lost: the last complete checkpoint, "
-    r"step (\d+) in (\S+), is intact\. Free space \(or fix the permissions or quota\) and "
-    r"rerun the same command to resume\.",
+    r"error: (?:Saving checkpoint step \d+ in \S+ failed|Storage error on \S+): No space left on "
+    r"device\. The last complete checkpoint, step (\d+) in (\S+), is intact: free space and rerun "
+    r"the same command to resume from it \(the steps after \d+ are trained again\)\.",
     last,
   )
   assert match and match[2] == str(workdir / "checkpoints"), last
@@ -382,6 +383,39 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(small_d
   config = tiny_config.get_config()
   assert int(train.train_and_evaluate(config, workdir).step) == 6
   assert not list((workdir / "checkpoints").glob("*tmp*"))
+
+
+def test_a_failed_save_names_the_step_the_cause_and_what_is_kept(tmp_path, monkeypatch):
+  """Storage errors of a save (an OSError, or tensorstore's status in a ValueError) become one
+  SaveError; any other error is a bug and propagates as it is."""
+  directory = tmp_path / "checkpoints"
+  checkpoints.save_model(directory, {"params": {"w": np.ones(2)}}, {"depth": 1}, step=2)
+  manager = checkpoints.train_manager(directory, 5)
+  state = types.SimpleNamespace(params={}, batch_stats={}, opt_state={})
+  for error, cause, remedy in [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device", "free space"),
+    (OSError(errno.EACCES, "Permission denied"), "Permission denied", "fix the permissions"),
+    (
+      ValueError("RESOURCE_EXHAUSTED: quota exceeded"),
+      "RESOURCE_EXHAUSTED: quota exceeded",
+      "free",
+    ),
+  ]:
+
+    def fail(*args, error=error, **kwargs):
+      raise error
+
+    monkeypatch.setattr(manager, "save", fail)
+    with pytest.raises(checkpoints.SaveError) as raised:
+      checkpoints.save_train_state(manager, 3, state, None, {})
+    assert str(raised.value).startswith(
+      f"Saving checkpoint step 3 in {directory} failed: {cause}. The last complete checkpoint, "
+      f"step 2 in {directory}, is intact: {remedy}"
+    ), raised.value
+  monkeypatch.setattr(manager, "save", lambda *a, **k: [][1])
+  with pytest.raises(IndexError):
+    checkpoints.save_train_state(manager, 3, state, None, {})
+  manager.close()
 
 
 def test_only_errors_of_damaged_data_count_as_corruption():
