@@ -363,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   preemption = PreemptionWatcher()
   pending: list[dict[str, jax.Array]] = []
   last_log = (time.perf_counter(), step)
-  saved, finished = step, False
+  finished = False
   try:
     while step < total_steps:
       stage = stage_at(step, stages)
@@ -404,13 +404,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
           "vgg_losses": vgg_variables is not None,
         }
         checkpoints.save_train_state(manager, step, state, data_iter, meta)
-        saved = step
       if preempted:
         logging.warning(
           "Preemption signal: saved step %d; exiting. Rerun the same command to resume.", step
         )
         break
-    checkpoints.finish_saving(manager, saved)
+    checkpoints.finish_saving(manager, step)  # The loop ends by saving its last step.
     finished = True
   finally:
     preemption.close()
