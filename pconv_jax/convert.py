@@ -94,6 +94,7 @@ def convert_file(
     source_sha256=digest,
     layout=layout.name,
     project=layout.project,
+    train_size=layout.train_size,
     **meta,
   )
   return layout, saved

@@ -1,7 +1,8 @@
 """Inpaint your own images with a trained checkpoint: a small Python API and a command-line tool.
 
     python -m pconv_jax.inpaint --checkpoint WORKDIR_OR_CHECKPOINT_DIR --image photo.jpg \
-        --mask mask.png --output out.png [--mask_polarity white_hole|black_hole]
+        --mask mask.png --output out.png [--mask_polarity white_hole|black_hole] \
+        [--hd_strategy crop|resize|original --crop_margin 128 --resize_limit 256]
     python -m pconv_jax.inpaint --checkpoint DIR --image photos/ --mask masks/ --output results/
 
 In Python (load once, inpaint many):
@@ -10,8 +11,10 @@ In Python (load once, inpaint many):
     result = inpainter(image, hole)  # image (H, W, 3) uint8 or float on [0, 1]; hole (H, W) bool
     results = inpainter.inpaint_many(images, holes)
 
-Any size: the image is padded at the bottom and right to the next multiple of the network's size
-multiple (2**depth), the padding is marked as hole, and the result is cropped back. A
+Large photos: by default only a crop around each group of holes goes through the network
+(`--hd_strategy crop`); `resize` inpaints a downscaled copy, `original` the whole photo
+(`pconv_jax.hd`). Any size: each network input is padded at the bottom and right to the next
+multiple of the network's size multiple (2**depth), the padding is marked as hole, and the result is cropped back. A
 partial-convolution network never reads image values under a hole, so the values under the padding
 do not matter (zeros are used). The known pixels of the result are the input's, bit for bit; with a
 lossy output format (JPEG) they are re-encoded.
@@ -21,12 +24,12 @@ opposite. A mask is read as 8-bit greyscale (colour by ITU-R 601 luma, alpha ign
 thresholded: grey >= 128 is white. A mask with other grey values than 0 and 255 (e.g. saved as JPEG)
 is thresholded with a warning. A hole over 60% of the image (more than the paper's masks; usually a
 mask of the other polarity) gets a warning naming the flag (`HoleShareWarning` in Python). Folder
-mode pairs `photos/NAME.*` with `masks/NAME.*` and writes `results/NAME.png`; images of equal
-padded size are batched.
+mode pairs `photos/NAME.*` with `masks/NAME.*` and writes `results/NAME.png`; network inputs of
+equal padded size are batched.
 """
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 from pathlib import Path
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pconv_jax import checkpoints, images, kernels, masks, models
+from pconv_jax import checkpoints, hd, images, kernels, masks, models
 from pconv_jax.errors import UserError
 
 POLARITIES = ("white_hole", "black_hole")
@@ -65,13 +68,33 @@ def hole_share_problem(hole: np.ndarray, name: str, fix: str) -> str | None:
   )
 
 
+DEFAULT_TRAINING_SIZE = 256  # The paper's, for checkpoints that do not record theirs.
+
+
+def training_size(meta: dict) -> int:
+  """The image size a checkpoint's network was trained at: recorded by conversion (`train_size`) or
+  in a training run's config, else the paper's 256."""
+  config = meta.get("config") or {}
+  return int(
+    meta.get("train_size") or (config.get("data") or {}).get("image_size") or DEFAULT_TRAINING_SIZE
+  )
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Inpainter:
-  """A loaded network that inpaints arrays of any size. Build it with `from_checkpoint`."""
+  """A loaded network that inpaints arrays of any size. Build it with `from_checkpoint`.
+
+  `strategy` is the high-resolution strategy used unless a call passes another (`pconv_jax.hd`);
+  `training_size` the image size the network was trained at, which sets the smallest crop and the
+  default resize limit.
+  """
 
   model: models.PUNet
   variables: Any
   batch_size: int = 4
+  strategy: hd.HDStrategy = hd.HDStrategy()
+  training_size: int = DEFAULT_TRAINING_SIZE
+  meta: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_checkpoint(
@@ -80,6 +103,7 @@ class Inpainter:
     step: int | None = None,
     batch_size: int = 4,
     conv_impl: str = "auto",
+    strategy: hd.HDStrategy = hd.HDStrategy(),
   ) -> "Inpainter":
     """Loads a checkpoint directory, or a workdir holding one in `checkpoints/` (newest readable
     step by default); local or on an object store (gs://). `conv_impl` as
@@ -87,33 +111,48 @@ class Inpainter:
     path = epath.Path(path).expanduser()
     if (path / "checkpoints").is_dir():
       path = path / "checkpoints"
-    model, variables, _ = checkpoints.load_model(path, step)
+    model, variables, meta = checkpoints.load_model(path, step)
     model = model.clone(kernels=kernels.select(conv_impl, jax.devices()[:1]))
-    return cls(model, variables, batch_size)
+    return cls(model, variables, batch_size, strategy, training_size(meta), meta)
 
   @functools.cached_property
   def _apply(self):
     return jax.jit(functools.partial(self.model.apply, train=False))
 
-  def __call__(self, image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+  def __call__(
+    self, image: np.ndarray, hole: np.ndarray, strategy: hd.HDStrategy | None = None
+  ) -> np.ndarray:
     """Inpaints one image: (H, W, 3) uint8, or float on [0, 1]; `hole` (H, W) or (H, W, 1), true/1 =
-    inpaint.
+    inpaint; `strategy` overrides the inpainter's.
 
     Returns an array like `image` (same shape and dtype) whose pixels outside the hole are
     `image`'s.
     """
-    return self._inpaint([image], [hole], warning_stacklevel=3)[0]
+    return self._inpaint([image], [hole], strategy, None, warning_stacklevel=3)[0]
 
   def inpaint_many(
-    self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray]
+    self,
+    images: Sequence[np.ndarray],
+    holes: Sequence[np.ndarray],
+    strategy: hd.HDStrategy | None = None,
+    progress: Callable[[int, int], None] | None = None,
   ) -> list[np.ndarray]:
-    """Inpaints many images (sizes may differ): those of equal padded size run together,
-    `batch_size` at a time."""
-    return self._inpaint(images, holes, warning_stacklevel=3)
+    """Inpaints many images (sizes may differ): network inputs (whole images or their crops) of
+    equal padded size run together, `batch_size` at a time. `progress(done, total)` is called with
+    the number of network inputs before the first and after each batch."""
+    return self._inpaint(images, holes, strategy, progress, warning_stacklevel=3)
 
   def _inpaint(
-    self, images: Sequence[np.ndarray], holes: Sequence[np.ndarray], warning_stacklevel: int
+    self,
+    images: Sequence[np.ndarray],
+    holes: Sequence[np.ndarray],
+    strategy: hd.HDStrategy | None,
+    progress: Callable[[int, int], None] | None,
+    warning_stacklevel: int,
   ) -> list[np.ndarray]:
+    strategy = strategy or self.strategy
+    if problem := strategy.problem():
+      raise InpaintError(problem)
     if len(images) != len(holes):
       raise InpaintError(f"Got {len(images)} images but {len(holes)} hole masks.")
     checked = [
@@ -122,18 +161,29 @@ class Inpainter:
     for i, (_, hole) in enumerate(checked):
       if problem := hole_share_problem(hole, f"image {i}", "pass its inverse (~hole)"):
         warnings.warn(problem, HoleShareWarning, stacklevel=warning_stacklevel)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (image, _) in enumerate(checked):
-      groups.setdefault(self._padded_size(image.shape[:2]), []).append(i)
-    results: list[np.ndarray | None] = [None] * len(images)
-    for size, indices in groups.items():
-      for start in range(0, len(indices), self.batch_size):
-        chunk = indices[start : start + self.batch_size]
-        outputs = self._predict(
-          [checked[i][0] for i in chunk], [checked[i][1] for i in chunk], size
-        )
-        for i, output in zip(chunk, outputs):
-          results[i] = _merge(images[i], checked[i][1], output)
+    work = [
+      (i, piece)
+      for i, (image, hole) in enumerate(checked)
+      for piece in hd.pieces(image, hole, strategy, self.training_size, self.model.size_multiple)
+    ]
+    groups: dict[tuple[int, int], list[tuple[int, hd.Piece]]] = {}
+    for i, piece in work:
+      groups.setdefault(self._padded_size(piece.hole.shape), []).append((i, piece))
+    results = [np.array(image, copy=True) for image in images]
+    done = 0
+    if progress:
+      progress(done, len(work))
+    for size, members in groups.items():
+      for start in range(0, len(members), self.batch_size):
+        chunk = members[start : start + self.batch_size]
+        outputs = self._predict([p.image for _, p in chunk], [p.hole for _, p in chunk], size)
+        for (i, piece), output in zip(chunk, outputs):
+          filled = _in_dtype(piece.to_box(output), results[i].dtype)
+          region = results[i][piece.box]
+          region[piece.write] = filled[piece.write]
+        done += len(chunk)
+        if progress:
+          progress(done, len(work))
     return results
 
   def _padded_size(self, size: tuple[int, int]) -> tuple[int, int]:
@@ -185,14 +235,11 @@ def _check(image: np.ndarray, hole: np.ndarray, name: str) -> tuple[np.ndarray, 
   return image.astype(np.float32) * 2.0 - 1.0, hole
 
 
-def _merge(image: np.ndarray, hole: np.ndarray, output: np.ndarray) -> np.ndarray:
-  """The output (on [-1, 1]) in the hole, `image` itself elsewhere, in `image`'s dtype and range."""
-  filled = (
-    images.to_uint8(output)
-    if image.dtype == np.uint8
-    else np.clip((output + 1.0) / 2.0, 0.0, 1.0).astype(image.dtype)
-  )
-  return np.where(hole[..., None], filled, image)
+def _in_dtype(output: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """A network output (on [-1, 1]) as pixels of an image of `dtype`: uint8, or float on [0, 1]."""
+  if dtype == np.uint8:
+    return images.to_uint8(output)
+  return np.clip((output + 1.0) / 2.0, 0.0, 1.0).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,19 +399,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="which colour marks the hole (default: white_hole)",
   )
   parser.add_argument(
-    "--batch_size", type=int, default=4, help="images per network call in folder mode"
+    "--batch_size", type=int, default=4, help="network inputs (images or crops) per network call"
+  )
+  parser.add_argument(
+    "--hd_strategy",
+    choices=hd.STRATEGIES,
+    default="crop",
+    help="large images: the whole image at full resolution (original), a copy downscaled to "
+    "--resize_limit (resize), or a full-resolution crop around each group of holes (crop, the "
+    "default); known pixels stay exact in all three",
+  )
+  parser.add_argument(
+    "--crop_margin",
+    type=int,
+    default=hd.HDStrategy.crop_margin,
+    help="crop: pixels of context around each group of holes (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--resize_limit",
+    type=int,
+    help="resize: the long side of the downscaled copy (default: the network's training size)",
   )
   args = parser.parse_args(argv)
+  strategy = hd.HDStrategy(args.hd_strategy, args.crop_margin, args.resize_limit)
   try:
     if args.batch_size < 1:
       raise InpaintError(f"--batch_size must be positive, got {args.batch_size}.")
+    if problem := strategy.problem():
+      raise InpaintError(problem)
     pairs = _pairs(args.image, args.mask, args.output)
     photos, holes, cautions, problems = _load_pairs(pairs, args.mask_polarity)
     for caution in cautions:
       print(f"warning: {caution}", file=sys.stderr)
     if problems:
       raise InpaintError("\nerror: ".join(problems))
-    inpainter = Inpainter.from_checkpoint(args.checkpoint, args.step, args.batch_size)
+    inpainter = Inpainter.from_checkpoint(
+      args.checkpoint, args.step, args.batch_size, strategy=strategy
+    )
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", HoleShareWarning)  # Printed above, with the CLI's flag.
       results = inpainter.inpaint_many(photos, holes)

@@ -73,6 +73,7 @@ class Layout:
   variant: Mapping[str, Any]
   kernel_divisor: Callable[[np.ndarray], float] = lambda kernel: 1.0
   skip_first: bool = False
+  train_size: int = 256  # The image size its published networks were trained at.
 
   def matches(self, arrays: Arrays) -> bool:
     return any(re.fullmatch(self.identifier, key) for key in arrays)
@@ -334,6 +335,7 @@ LAYOUTS = {
       },
       kernel_divisor=lambda kernel: float(kernel.shape[2]),  # Cin
       skip_first=True,
+      train_size=512,
     ),
     Layout(
       name="jacob",

@@ -119,6 +119,7 @@ def test_cli_conversion_inpaints_like_the_project(source, tmp_path, capsys):
   assert np.abs(got_output - want_output).max() <= 1e-4 * np.abs(want_output).max()
 
   inpainter = Inpainter.from_checkpoint(out, batch_size=len(pics))
+  assert inpainter.training_size == (512 if source == "keras" else 256)
   for pic, hole, want, got in zip(pics, holes, want_composite, inpainter.inpaint_many(pics, holes)):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     np.testing.assert_array_equal(got[~hole], pic[~hole])
