@@ -1,0 +1,396 @@
+"""Inpaint in the browser: upload a photo, paint the hole, inpaint, download the PNG.
+
+    python -m pconv_jax.app --checkpoint DIR [--checkpoint DIR2 ...] [--port 7860] \
+        [--host 127.0.0.1] [--max_upload_mb 40] [--max_megapixels 50]
+
+then open http://127.0.0.1:7860. Several checkpoints give a model menu; the page names the
+checkpoint and network that runs. The page (`app.html`) paints the hole on a mask canvas at the
+photo's own resolution, so the mask fits the photo pixel for pixel whatever the zoom.
+
+A standard-library HTTP server (threads; one inference at a time, the others queued), no web
+framework: Gradio, the ecosystem's usual choice, requires Pillow < 13 and would pin this project's
+Pillow back; this needs no dependency beyond the project's. Uploads are capped in bytes and pixels
+before decoding, every user mistake is a message on the page (never a traceback; the server keeps
+running), results live in one temporary directory removed at exit, and the server listens on
+127.0.0.1 unless --host says otherwise.
+"""
+
+import argparse
+import base64
+import binascii
+from collections.abc import Sequence
+import concurrent.futures
+import dataclasses
+import http.server
+import io
+import itertools
+import json
+import logging
+from pathlib import Path
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+import warnings
+
+from etils import epath
+import numpy as np
+from PIL import Image, ImageOps
+
+from pconv_jax import hd, images, inpaint
+from pconv_jax.errors import UserError
+
+PAGE = Path(__file__).with_name("app.html")
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+KEPT_RESULTS = 20  # Finished jobs (and their PNGs) kept for polling and download.
+
+
+class AppError(UserError, ValueError):
+  """A request or setting the app refuses; the message says why (on the page for a request)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A loaded checkpoint and how the page names it."""
+
+  label: str
+  description: str
+  inpainter: inpaint.Inpainter
+
+
+def describe(inpainter: inpaint.Inpainter) -> str:
+  """The network and where its weights come from, in one line."""
+  model, meta = inpainter.model, inpainter.meta
+  kind = "PConv" if model.partial else "Conv (no partial convolutions)"
+  parts = [
+    f"{kind} U-Net, {model.depth} levels, trained at {inpainter.training_size}x"
+    f"{inpainter.training_size}",
+    f"step {meta.get('step', '?')}",
+  ]
+  if meta.get("project"):
+    parts.append(
+      f"converted from {meta['project']} ({Path(str(meta.get('source', ''))).name}, SHA-256 "
+      f"{str(meta.get('source_sha256', ''))[:12]})"
+    )
+  return "; ".join(parts)
+
+
+@dataclasses.dataclass
+class Job:
+  """One inpainting request's state, as the page polls it."""
+
+  model: Model
+  image: np.ndarray
+  hole: np.ndarray
+  strategy: hd.HDStrategy
+  name: str
+  state: str = "queued"  # queued | running | done | failed
+  done: int = 0
+  total: int = 0
+  error: str | None = None
+  result: Path | None = None
+  seconds: float | None = None
+
+  @property
+  def filename(self) -> str:
+    return f"{Path(self.name).stem or 'photo'}_inpainted.png"
+
+  def status(self, job_id: str) -> dict[str, Any]:
+    status = {"state": self.state, "done": self.done, "total": self.total}
+    if self.error:
+      status["error"] = self.error
+    if self.result:
+      status["result"] = f"/api/results/{job_id}.png"
+      status["filename"] = self.filename
+      status["seconds"] = round(self.seconds, 1)
+    return status
+
+
+class Jobs:
+  """Inference jobs run one at a time in a worker thread; results go to `directory`."""
+
+  def __init__(self, directory: Path):
+    self.directory = directory
+    self._jobs: dict[str, Job] = {}
+    self._lock = threading.Lock()
+    self._ids = itertools.count(1)
+    self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+  def submit(self, job: Job) -> str:
+    with self._lock:
+      job_id = str(next(self._ids))
+      self._jobs[job_id] = job
+      finished = [i for i, j in self._jobs.items() if j.state in ("done", "failed")]
+      for old in finished[:-KEPT_RESULTS]:
+        if result := self._jobs.pop(old).result:
+          result.unlink(missing_ok=True)
+    self._worker.submit(self._run, job_id, job)
+    return job_id
+
+  def get(self, job_id: str) -> Job | None:
+    with self._lock:
+      return self._jobs.get(job_id)
+
+  def ahead_of(self, job_id: str) -> int:
+    """Jobs still waiting or running that came before `job_id`."""
+    with self._lock:
+      return sum(
+        1
+        for i, j in self._jobs.items()
+        if int(i) < int(job_id) and j.state in ("queued", "running")
+      )
+
+  def _run(self, job_id: str, job: Job) -> None:
+    job.state = "running"
+    start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+      job.done, job.total = done, total
+
+    try:
+      (result,) = job.model.inpainter.inpaint_many([job.image], [job.hole], job.strategy, progress)
+      path = self.directory / f"{job_id}.png"
+      inpaint.write_image(result, path)
+      job.result, job.seconds, job.state = path, time.perf_counter() - start, "done"
+    except UserError as e:
+      job.error, job.state = str(e), "failed"
+    except Exception as e:  # A bug or an out-of-memory: told on the page, logged in full here.
+      logging.exception("Inpainting job %s failed", job_id)
+      job.error, job.state = f"Inpainting failed on the server ({type(e).__name__}: {e}).", "failed"
+    finally:
+      job.image = job.hole = None  # Free the photo's memory; the result is on disk.
+
+  def close(self) -> None:
+    self._worker.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_upload_bytes: int
+  max_pixels: int
+
+
+def decode_upload(
+  payload: dict[str, Any], models: Sequence[Model], limits: Limits
+) -> tuple[Model, np.ndarray, np.ndarray, hd.HDStrategy, str]:
+  """(model, RGB uint8 photo, bool hole, strategy, file name) from the page's JSON request."""
+  try:
+    model = models[int(payload.get("model", 0))]
+  except (IndexError, TypeError, ValueError):
+    raise AppError(f"Unknown model {payload.get('model')!r}.") from None
+  strategy = hd.HDStrategy(str(payload.get("strategy", "crop")))
+  if problem := strategy.problem():
+    raise AppError(problem)
+  name = str(payload.get("name") or "photo")
+  photo = _decode(payload.get("image"), "The photo", limits)
+  mask = _decode(payload.get("mask"), "The mask", limits)
+  if mask.size != photo.size:
+    raise AppError(
+      f"The mask is {mask.size[0]}x{mask.size[1]} pixels but the photo is "
+      f"{photo.size[0]}x{photo.size[1]}: reload the page and paint again."
+    )
+  alpha = mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L")
+  hole = np.asarray(alpha) >= images.MASK_THRESHOLD
+  if not hole.any():
+    raise AppError("Nothing is painted: paint over what should be inpainted, then Inpaint.")
+  if hole.all():
+    raise AppError(
+      "Everything is painted, so no known pixel is left to inpaint from: erase some of it."
+    )
+  return model, np.asarray(photo.convert("RGB")), hole, strategy, name
+
+
+def _decode(encoded: Any, what: str, limits: Limits) -> Image.Image:
+  """A base64 image from the page, its size checked before its pixels are decoded."""
+  if not isinstance(encoded, str) or not encoded:
+    raise AppError(f"{what} is missing: choose a photo first.")
+  try:
+    raw = base64.b64decode(encoded.split(",", 1)[-1], validate=True)
+  except (binascii.Error, ValueError):
+    raise AppError(f"{what} did not arrive intact (not base64): reload the page.") from None
+  try:
+    with Image.open(io.BytesIO(raw)) as image:
+      width, height = image.size
+      if width * height > limits.max_pixels:
+        raise AppError(
+          f"{what} is {width}x{height} pixels ({width * height / 1e6:.3g} megapixels); this "
+          f"server accepts at most {limits.max_pixels / 1e6:.3g} megapixels (--max_megapixels): "
+          "downscale it first."
+        )
+      image.load()
+      return images.to_8bit(ImageOps.exif_transpose(image))  # As browsers show it.
+  except images.DECODE_ERRORS as e:
+    raise AppError(f"{what} is not an image this server can read ({e}).") from None
+
+
+def make_handler(
+  models: Sequence[Model], jobs: Jobs, limits: Limits
+) -> type[http.server.BaseHTTPRequestHandler]:
+  """The request handler of one server: the page, its JSON API and the result files."""
+  info = {
+    "models": [{"label": m.label, "description": m.description} for m in models],
+    "strategies": list(hd.STRATEGIES),
+    "default_strategy": hd.HDStrategy().name,
+    "max_upload_bytes": limits.max_upload_bytes,
+    "max_pixels": limits.max_pixels,
+  }
+  # Base64 makes 4 bytes of 3; the photo and a mask of at most its pixels travel together.
+  max_body = limits.max_upload_bytes * 4 // 3 + limits.max_pixels // 2 + 65536
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "pconv_jax"
+
+    def log_message(self, format: str, *args: Any) -> None:
+      logging.info("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str, **headers: str) -> None:
+      self.send_response(status)
+      self.send_header("Content-Type", content_type)
+      self.send_header("Content-Length", str(len(body)))
+      self.send_header("Cache-Control", "no-store")
+      for name, value in headers.items():
+        self.send_header(name.replace("_", "-"), value)
+      self.end_headers()
+      self.wfile.write(body)
+
+    def _json(self, status: int, value: Any) -> None:
+      self._send(status, json.dumps(value).encode(), "application/json")
+
+    def do_GET(self) -> None:
+      if self.path in ("/", "/index.html"):
+        self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+      elif self.path == "/api/info":
+        self._json(200, info)
+      elif self.path.startswith("/api/jobs/"):
+        job_id = self.path.removeprefix("/api/jobs/")
+        job = jobs.get(job_id)
+        if job is None:
+          self._json(404, {"error": "No such job: the server may have restarted; try again."})
+        else:
+          self._json(200, {**job.status(job_id), "ahead": jobs.ahead_of(job_id)})
+      elif self.path.startswith("/api/results/") and self.path.endswith(".png"):
+        job = jobs.get(self.path.removeprefix("/api/results/").removesuffix(".png"))
+        if job is None or job.result is None or not job.result.exists():
+          self._json(404, {"error": "No such result: inpaint again."})
+        else:
+          self._send(
+            200,
+            job.result.read_bytes(),
+            "image/png",
+            Content_Disposition=f'attachment; filename="{job.filename}"',
+          )
+      else:
+        self._json(404, {"error": f"Nothing at {self.path}."})
+
+    def do_POST(self) -> None:
+      if self.path != "/api/inpaint":
+        self._json(404, {"error": f"Nothing at {self.path}."})
+        return
+      length = int(self.headers.get("Content-Length") or 0)
+      if length > max_body:
+        if length <= 2**30:  # Read and dropped, so that the browser sees the answer.
+          for _ in range(0, length, 2**20):
+            self.rfile.read(min(2**20, length))
+        self.close_connection = True
+        self._json(
+          413,
+          {
+            "error": f"The upload is {length / 2**20:.3g} MB; this server accepts photos of at "
+            f"most {limits.max_upload_bytes / 2**20:.3g} MB (--max_upload_mb)."
+          },
+        )
+        return
+      try:
+        payload = json.loads(self.rfile.read(length))
+        if not isinstance(payload, dict):
+          raise AppError("The request is not what the page sends: reload the page.")
+        model, photo, hole, strategy, name = decode_upload(payload, models, limits)
+      except json.JSONDecodeError:
+        self._json(400, {"error": "The request is not what the page sends: reload the page."})
+        return
+      except UserError as e:
+        self._json(400, {"error": str(e)})
+        return
+      job_id = jobs.submit(Job(model, photo, hole, strategy, name))
+      self._json(202, {"job": job_id})
+
+  return Handler
+
+
+def load_models(paths: Sequence[str]) -> list[Model]:
+  models = []
+  for path in paths:
+    inpainter = inpaint.Inpainter.from_checkpoint(path, batch_size=1)
+    models.append(Model(str(path), describe(inpainter), inpainter))
+  return models
+
+
+def serve(models: Sequence[Model], host: str, port: int, limits: Limits) -> None:
+  """Serves the page until SIGINT or SIGTERM; the results live in a temporary directory, removed
+  at the end."""
+  directory = Path(tempfile.mkdtemp(prefix="pconv_jax_app_"))
+  jobs = Jobs(directory)
+  try:
+    server = http.server.ThreadingHTTPServer((host, port), make_handler(models, jobs, limits))
+  except OSError as e:  # The port is taken, or the address is not this machine's.
+    shutil.rmtree(directory, ignore_errors=True)
+    raise AppError(f"Cannot listen on {host}:{port} ({e.strerror or e}).") from None
+  server.daemon_threads = True
+  signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+  try:
+    print(f"Serving {len(models)} model(s) on http://{host}:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()
+    jobs.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m pconv_jax.app",
+    description="A local web page to inpaint photos with trained PConv checkpoints.",
+  )
+  parser.add_argument(
+    "--checkpoint",
+    action="append",
+    required=True,
+    type=epath.Path,
+    help="a workdir or checkpoint directory; repeat it for a model menu",
+  )
+  parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s; 0: any free)")
+  parser.add_argument(
+    "--host",
+    default="127.0.0.1",
+    help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: every network)",
+  )
+  parser.add_argument("--max_upload_mb", type=float, default=40.0, help="(default: %(default)s)")
+  parser.add_argument("--max_megapixels", type=float, default=50.0, help="(default: %(default)s)")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  warnings.simplefilter("ignore", inpaint.HoleShareWarning)  # A painted hole is never inverted.
+  try:
+    if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+      raise AppError("--max_upload_mb and --max_megapixels must be positive.")
+    limits = Limits(int(args.max_upload_mb * 2**20), int(args.max_megapixels * 1e6))
+    models = load_models(args.checkpoint)
+    if args.host not in LOCAL_HOSTS:
+      print(
+        f"warning: listening on {args.host}: anyone who can reach this machine on the network can "
+        "use this page and run the model on it.",
+        file=sys.stderr,
+      )
+    serve(models, args.host, args.port, limits)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
