@@ -143,9 +143,10 @@ def test_paint_inpaint_and_download_in_a_browser(app, tmp_path):
     assert hole[30, 20] and hole[32, 45] and not hole[34, 70]  # Painted; erased.
     assert 0.05 < hole.mean() < 0.2
 
+    page.select_option("#strategy", "resize")
     page.click("#run")
     sync_api.expect(page.locator("#download")).to_be_visible(timeout=30_000)
-    sync_api.expect(message).to_contain_text("Done in")
+    sync_api.expect(message).to_contain_text("s on the server (resize).")
     with page.expect_download() as download:
       page.click("#download")
     assert download.value.suggested_filename == "photo_inpainted.png"
