@@ -72,9 +72,11 @@ def run(args: list[str]) -> tuple[float, float, str]:
     env=hugepages.with_huge_pages(os.environ),
   )
   output = process.stdout.read()
-  _, status, usage = os.wait4(process.pid, 0)
+  process.stdout.close()
+  _, status, usage = os.wait4(process.pid, 0)  # The child's own peak memory.
   wall = time.perf_counter() - start
-  if os.waitstatus_to_exitcode(status):
+  process.returncode = os.waitstatus_to_exitcode(status)
+  if process.returncode:
     raise RuntimeError(f"inpaint {' '.join(args)} failed:\n{output}")
   return wall, usage.ru_maxrss / 1024, output
 

@@ -38,7 +38,8 @@ def main() -> None:
     try:
       url = app.stdout.readline().split()[-1]
       with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"))
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        browser = playwright.chromium.launch(executable_path=chromium)
         page = browser.new_page(viewport={"width": 1280, "height": 640})
         page.goto(url)
         page.set_input_files("#file", str(photo))

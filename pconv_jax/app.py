@@ -19,7 +19,6 @@ import argparse
 import base64
 import binascii
 from collections.abc import Sequence
-import concurrent.futures
 import dataclasses
 import http.server
 import io
@@ -27,6 +26,9 @@ import itertools
 import json
 import logging
 from pathlib import Path
+import queue
+import re
+import secrets
 import shutil
 import signal
 import sys
@@ -34,11 +36,12 @@ import tempfile
 import threading
 import time
 from typing import Any
+import urllib.parse
 import warnings
 
 from etils import epath
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pconv_jax import hd, images, inpaint
 from pconv_jax.errors import UserError
@@ -46,6 +49,7 @@ from pconv_jax.errors import UserError
 PAGE = Path(__file__).with_name("app.html")
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 KEPT_RESULTS = 20  # Finished jobs (and their PNGs) kept for polling and download.
+MAX_PENDING = 8  # Jobs waiting or running; each holds its photo in memory.
 
 
 class AppError(UserError, ValueError):
@@ -80,68 +84,84 @@ def describe(inpainter: inpaint.Inpainter) -> str:
 
 @dataclasses.dataclass
 class Job:
-  """One inpainting request's state, as the page polls it."""
+  """One inpainting request's state, as the page polls it; `number` orders the queue."""
 
   model: Model
-  image: np.ndarray
-  hole: np.ndarray
+  image: np.ndarray | None  # None once inpainted: the result is on disk.
+  hole: np.ndarray | None
   strategy: hd.HDStrategy
   name: str
+  number: int = 0
   state: str = "queued"  # queued | running | done | failed
   done: int = 0
   total: int = 0
   error: str | None = None
-  result: Path | None = None
   seconds: float | None = None
+  result: Path | None = None  # Set last: a job with a result is complete.
 
   @property
   def filename(self) -> str:
     return f"{Path(self.name).stem or 'photo'}_inpainted.png"
 
   def status(self, job_id: str) -> dict[str, Any]:
+    """What the page polls: state, progress, then the result's address or the error."""
     status = {"state": self.state, "done": self.done, "total": self.total}
     if self.error:
       status["error"] = self.error
     if self.result:
-      status["result"] = f"/api/results/{job_id}.png"
-      status["filename"] = self.filename
+      status |= {"result": f"/api/results/{job_id}.png", "filename": self.filename}
       status["seconds"] = round(self.seconds, 1)
     return status
 
 
-class Jobs:
-  """Inference jobs run one at a time in a worker thread; results go to `directory`."""
+class Busy(AppError):
+  """Too many inpaintings are waiting."""
 
-  def __init__(self, directory: Path):
+
+class Jobs:
+  """Inpainting jobs, run one at a time by a daemon thread; their PNGs go to `directory`, which
+  `close` removes."""
+
+  def __init__(self, directory: Path) -> None:
     self.directory = directory
     self._jobs: dict[str, Job] = {}
     self._lock = threading.Lock()
-    self._ids = itertools.count(1)
-    self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._numbers = itertools.count()
+    self._queue: queue.Queue[str] = queue.Queue()
+    self._closed = False
+    threading.Thread(target=self._work, name="inpainting", daemon=True).start()
 
   def submit(self, job: Job) -> str:
+    """Queues `job`; its id, unguessable. Raises Busy when MAX_PENDING jobs wait or run."""
     with self._lock:
-      job_id = str(next(self._ids))
-      self._jobs[job_id] = job
+      pending = sum(1 for j in self._jobs.values() if j.state in ("queued", "running"))
+      if pending >= MAX_PENDING:
+        raise Busy(f"The server is busy with {pending} inpaintings: try again in a moment.")
       finished = [i for i, j in self._jobs.items() if j.state in ("done", "failed")]
-      for old in finished[:-KEPT_RESULTS]:
+      for old in finished[: max(0, len(finished) - KEPT_RESULTS + 1)]:
         if result := self._jobs.pop(old).result:
           result.unlink(missing_ok=True)
-    self._worker.submit(self._run, job_id, job)
+      job_id, job.number = secrets.token_urlsafe(12), next(self._numbers)
+      self._jobs[job_id] = job
+    self._queue.put(job_id)
     return job_id
 
   def get(self, job_id: str) -> Job | None:
     with self._lock:
       return self._jobs.get(job_id)
 
-  def ahead_of(self, job_id: str) -> int:
-    """Jobs still waiting or running that came before `job_id`."""
+  def ahead_of(self, job: Job) -> int:
+    """Jobs waiting or running that came before `job`."""
     with self._lock:
       return sum(
-        1
-        for i, j in self._jobs.items()
-        if int(i) < int(job_id) and j.state in ("queued", "running")
+        1 for j in self._jobs.values() if j.number < job.number and j.state in ("queued", "running")
       )
+
+  def _work(self) -> None:
+    while True:
+      job_id = self._queue.get()
+      if job := self.get(job_id):
+        self._run(job_id, job)
 
   def _run(self, job_id: str, job: Job) -> None:
     job.state = "running"
@@ -153,22 +173,31 @@ class Jobs:
     try:
       (result,) = job.model.inpainter.inpaint_many([job.image], [job.hole], job.strategy, progress)
       path = self.directory / f"{job_id}.png"
-      inpaint.write_image(result, path)
-      job.result, job.seconds, job.state = path, time.perf_counter() - start, "done"
+      with self._lock:  # Never after `close` removed the directory.
+        if self._closed:
+          return
+        Image.fromarray(result).save(path, compress_level=inpaint.PNG_COMPRESS_LEVEL)
+      job.seconds = time.perf_counter() - start
+      job.result, job.state = path, "done"
     except UserError as e:
       job.error, job.state = str(e), "failed"
     except Exception as e:  # A bug or an out-of-memory: told on the page, logged in full here.
       logging.exception("Inpainting job %s failed", job_id)
       job.error, job.state = f"Inpainting failed on the server ({type(e).__name__}: {e}).", "failed"
     finally:
-      job.image = job.hole = None  # Free the photo's memory; the result is on disk.
+      job.image = job.hole = None
 
   def close(self) -> None:
-    self._worker.shutdown(wait=False, cancel_futures=True)
+    """Removes the results; a job still running writes nothing."""
+    with self._lock:
+      self._closed = True
+      shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+  """The largest photo the server accepts, in bytes (as uploaded) and in pixels."""
+
   max_upload_bytes: int
   max_pixels: int
 
@@ -204,32 +233,42 @@ def decode_upload(
 
 
 def _decode(encoded: Any, what: str, limits: Limits) -> Image.Image:
-  """A base64 image from the page, its size checked before its pixels are decoded."""
+  """A base64 image from the page, its pixel count checked before its pixels are decoded."""
   if not isinstance(encoded, str) or not encoded:
     raise AppError(f"{what} is missing: choose a photo first.")
   try:
-    raw = base64.b64decode(encoded.split(",", 1)[-1], validate=True)
+    raw = io.BytesIO(base64.b64decode(encoded.split(",", 1)[-1], validate=True))
   except (binascii.Error, ValueError):
     raise AppError(f"{what} did not arrive intact (not base64): reload the page.") from None
   try:
-    with Image.open(io.BytesIO(raw)) as image:
+    with Image.open(raw) as image:
       width, height = image.size
-      if width * height > limits.max_pixels:
-        raise AppError(
-          f"{what} is {width}x{height} pixels ({width * height / 1e6:.3g} megapixels); this "
-          f"server accepts at most {limits.max_pixels / 1e6:.3g} megapixels (--max_megapixels): "
-          "downscale it first."
-        )
-      image.load()
-      return images.to_8bit(ImageOps.exif_transpose(image))  # As browsers show it.
+    if width * height <= limits.max_pixels:
+      return images.load(raw)  # Decoded, as browsers show it (EXIF orientation applied).
   except images.DECODE_ERRORS as e:
     raise AppError(f"{what} is not an image this server can read ({e}).") from None
+  raise AppError(
+    f"{what} is {width}x{height} pixels ({width * height / 1e6:.3g} megapixels); this server "
+    f"accepts at most {limits.max_pixels / 1e6:.3g} megapixels (--max_megapixels): downscale it "
+    "first."
+  )
+
+
+def content_disposition(filename: str) -> str:
+  """An attachment header naming `filename` (any characters) safely: an ASCII name, and the
+  percent-encoded UTF-8 one (RFC 6266)."""
+  fallback = re.sub(r"[^A-Za-z0-9._-]+", "_", filename)
+  return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(filename)}"
+
+
+NOT_FROM_THE_PAGE = "The request is not what the page sends: reload the page."
 
 
 def make_handler(
-  models: Sequence[Model], jobs: Jobs, limits: Limits
+  models: Sequence[Model], jobs: Jobs, limits: Limits, local: bool
 ) -> type[http.server.BaseHTTPRequestHandler]:
-  """The request handler of one server: the page, its JSON API and the result files."""
+  """The request handler of one server: the page, its JSON API and the result files. A `local`
+  server answers only requests addressed to 127.0.0.1 or localhost (no DNS rebinding)."""
   info = {
     "models": [{"label": m.label, "description": m.description} for m in models],
     "strategies": list(hd.STRATEGIES),
@@ -242,6 +281,7 @@ def make_handler(
 
   class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "pconv_jax"
+    timeout = 120  # Seconds a silent client may hold its thread.
 
     def log_message(self, format: str, *args: Any) -> None:
       logging.info("%s %s", self.address_string(), format % args)
@@ -259,42 +299,54 @@ def make_handler(
     def _json(self, status: int, value: Any) -> None:
       self._send(status, json.dumps(value).encode(), "application/json")
 
+    def _foreign(self) -> bool:
+      """Answers 403 to a request for another host name (a local server only)."""
+      host = urllib.parse.urlsplit(f"//{self.headers.get('Host', '')}").hostname
+      if not local or host in LOCAL_HOSTS:
+        return False
+      self._json(403, {"error": "This server answers only at 127.0.0.1 or localhost."})
+      return True
+
     def do_GET(self) -> None:
+      if self._foreign():
+        return
       if self.path in ("/", "/index.html"):
         self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
       elif self.path == "/api/info":
         self._json(200, info)
       elif self.path.startswith("/api/jobs/"):
         job_id = self.path.removeprefix("/api/jobs/")
-        job = jobs.get(job_id)
-        if job is None:
+        if (job := jobs.get(job_id)) is None:
           self._json(404, {"error": "No such job: the server may have restarted; try again."})
         else:
-          self._json(200, {**job.status(job_id), "ahead": jobs.ahead_of(job_id)})
+          self._json(200, {**job.status(job_id), "ahead": jobs.ahead_of(job)})
       elif self.path.startswith("/api/results/") and self.path.endswith(".png"):
         job = jobs.get(self.path.removeprefix("/api/results/").removesuffix(".png"))
-        if job is None or job.result is None or not job.result.exists():
-          self._json(404, {"error": "No such result: inpaint again."})
-        else:
-          self._send(
-            200,
-            job.result.read_bytes(),
-            "image/png",
-            Content_Disposition=f'attachment; filename="{job.filename}"',
-          )
+        try:
+          body = job.result.read_bytes()  # AttributeError: no such job or no result yet.
+        except (AttributeError, OSError):
+          self._json(404, {"error": "No such result (only the latest are kept): inpaint again."})
+          return
+        self._send(200, body, "image/png", Content_Disposition=content_disposition(job.filename))
       else:
         self._json(404, {"error": f"Nothing at {self.path}."})
 
     def do_POST(self) -> None:
+      if self._foreign():
+        return
       if self.path != "/api/inpaint":
         self._json(404, {"error": f"Nothing at {self.path}."})
         return
-      length = int(self.headers.get("Content-Length") or 0)
-      if length > max_body:
-        if length <= 2**30:  # Read and dropped, so that the browser sees the answer.
-          for _ in range(0, length, 2**20):
-            self.rfile.read(min(2**20, length))
+      try:
+        length = int(self.headers.get("Content-Length", ""))
+      except ValueError:
+        length = -1
+      if length < 0 or self.headers.get_content_type() != "application/json":
         self.close_connection = True
+        self._json(400, {"error": NOT_FROM_THE_PAGE})
+        return
+      if length > max_body:
+        self._drop(length)
         self._json(
           413,
           {
@@ -306,21 +358,30 @@ def make_handler(
       try:
         payload = json.loads(self.rfile.read(length))
         if not isinstance(payload, dict):
-          raise AppError("The request is not what the page sends: reload the page.")
-        model, photo, hole, strategy, name = decode_upload(payload, models, limits)
-      except json.JSONDecodeError:
-        self._json(400, {"error": "The request is not what the page sends: reload the page."})
+          raise AppError(NOT_FROM_THE_PAGE)
+        job_id = jobs.submit(Job(*decode_upload(payload, models, limits)))
+      except (ValueError, RecursionError) as e:  # JSON (and UnicodeDecodeError) or an AppError.
+        status = 429 if isinstance(e, Busy) else 400
+        self._json(status, {"error": str(e) if isinstance(e, UserError) else NOT_FROM_THE_PAGE})
         return
-      except UserError as e:
-        self._json(400, {"error": str(e)})
+      except Exception as e:  # A bug: told on the page, logged in full here.
+        logging.exception("Reading an upload failed")
+        self._json(500, {"error": f"The server failed to read the upload ({type(e).__name__})."})
         return
-      job_id = jobs.submit(Job(model, photo, hole, strategy, name))
       self._json(202, {"job": job_id})
+
+    def _drop(self, length: int) -> None:
+      """Reads and drops a refused body (up to 1 GiB), so that the browser sees the answer."""
+      self.close_connection = True
+      remaining = length if length <= 2**30 else 0
+      while remaining > 0 and (chunk := self.rfile.read(min(2**20, remaining))):
+        remaining -= len(chunk)
 
   return Handler
 
 
 def load_models(paths: Sequence[str]) -> list[Model]:
+  """Each checkpoint as a menu entry, labelled by its path."""
   models = []
   for path in paths:
     inpainter = inpaint.Inpainter.from_checkpoint(path, batch_size=1)
@@ -334,9 +395,10 @@ def serve(models: Sequence[Model], host: str, port: int, limits: Limits) -> None
   directory = Path(tempfile.mkdtemp(prefix="pconv_jax_app_"))
   jobs = Jobs(directory)
   try:
-    server = http.server.ThreadingHTTPServer((host, port), make_handler(models, jobs, limits))
+    handler = make_handler(models, jobs, limits, local=host in LOCAL_HOSTS)
+    server = http.server.ThreadingHTTPServer((host, port), handler)
   except OSError as e:  # The port is taken, or the address is not this machine's.
-    shutil.rmtree(directory, ignore_errors=True)
+    jobs.close()
     raise AppError(f"Cannot listen on {host}:{port} ({e.strerror or e}).") from None
   server.daemon_threads = True
   signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
@@ -348,7 +410,6 @@ def serve(models: Sequence[Model], host: str, port: int, limits: Limits) -> None
   finally:
     server.server_close()
     jobs.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

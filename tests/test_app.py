@@ -2,6 +2,7 @@
 refusal shown on the page while the server keeps running."""
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -10,8 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import time
+import urllib.parse
 
 import numpy as np
 from PIL import Image
@@ -92,7 +93,7 @@ def test_paint_inpaint_and_download_in_a_browser(app, tmp_path):
   photo = photo_file(tmp_path / "photo.png")
   (tmp_path / "notes.png").write_text("not an image")
   with sync_api.sync_playwright() as playwright:
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    browser = playwright.chromium.launch(executable_path=CHROMIUM)
     page = browser.new_page(viewport={"width": 1100, "height": 700}, accept_downloads=True)
     page.goto(url)
     description = page.locator("#model-description")
@@ -161,15 +162,20 @@ def test_paint_inpaint_and_download_in_a_browser(app, tmp_path):
   assert process.poll() is None  # Still serving.
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-  request = urllib.request.Request(
-    f"{url}/api/inpaint", data=body, headers={"Content-Type": "application/json"}
+def request(url: str, method: str, path: str, body: bytes = b"", **headers: str):
+  """(status, headers, body) of one request, with exactly the headers given (and Host)."""
+  address = urllib.parse.urlsplit(url)
+  connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+  connection.request(
+    method, path, body=body, headers={k.replace("_", "-"): v for k, v in headers.items()}
   )
-  try:
-    with urllib.request.urlopen(request, timeout=30) as response:
-      return response.status, json.loads(response.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
+  response = connection.getresponse()
+  return response.status, dict(response.getheaders()), response.read()
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+  status, _, answer = request(url, "POST", "/api/inpaint", body, Content_Type="application/json")
+  return status, json.loads(answer)
 
 
 def encoded(image: np.ndarray) -> str:
@@ -185,38 +191,76 @@ def test_the_server_refuses_bad_requests_with_messages_and_cleans_up(app):
   photo = data.astronaut()[:64, :96]
   mask = np.zeros((64, 96, 4), np.uint8)
   mask[10:20, 10:20, 3] = 255
+  too_large = "this server accepts photos of at most 0.1 MB (--max_upload_mb)."
   cases = [
-    (b"x" * 300_000, 413, "this server accepts photos of at most 0.1 MB (--max_upload_mb)"),
-    (b"{not json", 400, "The request is not what the page sends"),
+    (b"x" * 300_000, 413, f"The upload is 0.286 MB; {too_large}"),
+    (b"x" * 1_500_000, 413, f"The upload is 1.43 MB; {too_large}"),  # Read in 2 chunks.
+    (b"{not json", 400, "The request is not what the page sends: reload the page."),
+    (b"\xff\xfe", 400, "The request is not what the page sends: reload the page."),
     (
       json.dumps({"image": encoded(data.astronaut()[:200, :200]), "mask": encoded(mask)}).encode(),
       400,
-      "The photo is 200x200 pixels (0.04 megapixels); this server accepts at most 0.02",
+      "The photo is 200x200 pixels (0.04 megapixels); this server accepts at most 0.02 "
+      "megapixels (--max_megapixels): downscale it first.",
     ),
     (
       json.dumps({"image": "data:image/png;base64,aGVsbG8=", "mask": encoded(mask)}).encode(),
       400,
-      "The photo is not an image this server can read",
+      "The photo is not an image this server can read (cannot identify image file",
     ),
     (
       json.dumps({"image": encoded(photo), "mask": encoded(mask[:32])}).encode(),
       400,
-      "The mask is 96x32 pixels but the photo is 96x64",
+      "The mask is 96x32 pixels but the photo is 96x64: reload the page and paint again.",
     ),
     (
       json.dumps({"image": encoded(photo), "mask": encoded(mask), "strategy": "tiles"}).encode(),
       400,
-      "Unknown HD strategy 'tiles'",
+      "Unknown HD strategy 'tiles'; use one of original, resize, crop.",
     ),
     (
       json.dumps({"image": encoded(photo), "mask": encoded(mask), "model": 5}).encode(),
       400,
-      "Unknown model 5",
+      "Unknown model 5.",
     ),
   ]
-  for body, status, message in cases:
-    got_status, answer = post(url, body)
-    assert (got_status, message in answer["error"]) == (status, True), answer
+  for body, status, message in cases:  # Exact messages (the unreadable photo's ends with PIL's).
+    got, answer = post(url, body)
+    assert got == status and answer["error"].startswith(message), answer
+  for headers in [{"Content_Length": "-5"}, {"Content_Type": "text/plain"}]:
+    status, _, answer = request(
+      url, "POST", "/api/inpaint", b"{}", **{"Content_Type": "application/json"} | headers
+    )
+    assert (status, json.loads(answer)["error"]) == (
+      400,
+      "The request is not what the page sends: reload the page.",
+    )
+  status, _, answer = request(url, "GET", "/api/info", Host="attacker.example")  # DNS rebinding.
+  assert (status, json.loads(answer)["error"]) == (
+    403,
+    "This server answers only at 127.0.0.1 or localhost.",
+  )
+
+  # Any file name reaches the download's header safely.
+  name = 'фото "1"\r\nX-Injected: 1.jpg'
+  body = json.dumps({"image": encoded(photo), "mask": encoded(mask), "name": name}).encode()
+  status, answer = post(url, body)
+  assert status == 202
+  for _ in range(300):
+    status, _, state = request(url, "GET", f"/api/jobs/{answer['job']}")
+    if json.loads(state)["state"] == "done":
+      break
+    time.sleep(0.1)
+  status, headers, png = request(url, "GET", f"/api/results/{answer['job']}.png")
+  assert status == 200 and "X-Injected" not in headers
+  assert headers["Content-Disposition"] == (
+    'attachment; filename="_1_X-Injected_1_inpainted.png"; '
+    "filename*=UTF-8''%D1%84%D0%BE%D1%82%D0%BE%20%221%22%0D%0AX-Injected%3A%201_inpainted.png"
+  )
+  result = np.asarray(Image.open(io.BytesIO(png)))
+  hole = mask[..., 3] > 0
+  np.testing.assert_array_equal(result[~hole], photo[~hole])
+
   assert process.poll() is None
   process.terminate()
   assert process.wait(timeout=30) == 0
