@@ -40,7 +40,7 @@ def main() -> None:
       with sync_api.sync_playwright() as playwright:
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         browser = playwright.chromium.launch(executable_path=chromium)
-        page = browser.new_page(viewport={"width": 1280, "height": 640})
+        page = browser.new_page(viewport={"width": 1400, "height": 700})
         page.goto(url)
         page.set_input_files("#file", str(photo))
         sync_api.expect(page.locator("#message")).to_contain_text("600x400")

@@ -210,7 +210,15 @@ def decode_upload(
     model = models[int(payload.get("model", 0))]
   except (IndexError, TypeError, ValueError):
     raise AppError(f"Unknown model {payload.get('model')!r}.") from None
-  strategy = hd.HDStrategy(str(payload.get("strategy", "crop")))
+  try:
+    limit = payload.get("resize_limit")
+    strategy = hd.HDStrategy(
+      str(payload.get("strategy", "crop")),
+      int(payload.get("crop_margin", hd.HDStrategy.crop_margin)),
+      None if limit in (None, "") else int(limit),
+    )
+  except (TypeError, ValueError):
+    raise AppError("The crop margin and the resize limit must be whole numbers.") from None
   if problem := strategy.problem():
     raise AppError(problem)
   name = str(payload.get("name") or "photo")

@@ -144,7 +144,10 @@ def test_paint_inpaint_and_download_in_a_browser(app, tmp_path):
     assert hole[30, 20] and hole[32, 45] and not hole[34, 70]  # Painted; erased.
     assert 0.05 < hole.mean() < 0.2
 
+    sync_api.expect(page.locator("#limit")).to_be_hidden()
     page.select_option("#strategy", "resize")
+    sync_api.expect(page.locator("#margin")).to_be_hidden()
+    page.locator("#limit").fill("48")
     page.click("#run")
     sync_api.expect(page.locator("#download")).to_be_visible(timeout=30_000)
     sync_api.expect(message).to_contain_text("s on the server (resize).")
@@ -217,6 +220,16 @@ def test_the_server_refuses_bad_requests_with_messages_and_cleans_up(app):
       json.dumps({"image": encoded(photo), "mask": encoded(mask), "strategy": "tiles"}).encode(),
       400,
       "Unknown HD strategy 'tiles'; use one of original, resize, crop.",
+    ),
+    (
+      json.dumps({"image": encoded(photo), "mask": encoded(mask), "crop_margin": "x"}).encode(),
+      400,
+      "The crop margin and the resize limit must be whole numbers.",
+    ),
+    (
+      json.dumps({"image": encoded(photo), "mask": encoded(mask), "crop_margin": -3}).encode(),
+      400,
+      "The crop margin must be 0 or more pixels, got -3.",
     ),
     (
       json.dumps({"image": encoded(photo), "mask": encoded(mask), "model": 5}).encode(),
