@@ -210,7 +210,10 @@ def _storage_errors_in_one_line(hook: Callable[[Any], None]) -> Callable[[Any], 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
   """Orbax's lines without its per-file INFO lines (they drown the progress lines) and without the
-  tracebacks of its threads (a failed save is reported once, as one line)."""
+  tracebacks of its threads; no asyncio report of a save task's storage error either ("Task
+  exception was never retrieved", with a traceback): a failed save is reported once, as one line."""
+  if record.name == "asyncio" and record.exc_info:
+    return not checkpoints.storage_problem(record.exc_info[1])[0]
   if "/orbax/" not in record.pathname:
     return True
   record.exc_info, record.exc_text = None, None

@@ -3,6 +3,7 @@ non-finite steps, resume and bad configs."""
 
 import errno
 import json
+import logging
 import os
 from pathlib import Path
 import re
@@ -383,6 +384,27 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(small_d
   config = tiny_config.get_config()
   assert int(train.train_and_evaluate(config, workdir).step) == 6
   assert not list((workdir / "checkpoints").glob("*tmp*"))
+
+
+def test_asyncio_reports_of_a_failed_save_task_are_dropped():
+  """A save task's storage error also reaches asyncio's "Task exception was never retrieved" report
+  (with a traceback) now and then; the run's one line says it all. Other task errors stay."""
+  from pconv_jax import main  # Defines the absl flags of the entry point: imported here only.
+
+  def asyncio_record(error):
+    return logging.LogRecord(
+      "asyncio",
+      logging.ERROR,
+      "base_events.py",
+      1,
+      "Task exception was never retrieved",
+      (),
+      (type(error), error, None),
+    )
+
+  full = ValueError("ABORTED: Error writing local file \"0.count\" [os_error_code='28']")
+  assert not main._quiet_orbax(asyncio_record(full))
+  assert main._quiet_orbax(asyncio_record(ValueError("a bug")))
 
 
 def test_a_failed_save_names_the_step_the_cause_and_what_is_kept(tmp_path, monkeypatch):
