@@ -125,7 +125,8 @@ class Jobs:
   def __init__(self, directory: Path) -> None:
     self.directory = directory
     self._jobs: dict[str, Job] = {}
-    self._lock = threading.Lock()
+    self._lock = threading.Lock()  # Of `_jobs`.
+    self._writing = threading.Lock()  # Of `directory`.
     self._numbers = itertools.count()
     self._queue: queue.Queue[str] = queue.Queue()
     self._closed = False
@@ -173,7 +174,7 @@ class Jobs:
     try:
       (result,) = job.model.inpainter.inpaint_many([job.image], [job.hole], job.strategy, progress)
       path = self.directory / f"{job_id}.png"
-      with self._lock:  # Never after `close` removed the directory.
+      with self._writing:  # Never after `close` removed the directory.
         if self._closed:
           return
         Image.fromarray(result).save(path, compress_level=inpaint.PNG_COMPRESS_LEVEL)
@@ -189,7 +190,7 @@ class Jobs:
 
   def close(self) -> None:
     """Removes the results; a job still running writes nothing."""
-    with self._lock:
+    with self._writing:
       self._closed = True
       shutil.rmtree(self.directory, ignore_errors=True)
 
