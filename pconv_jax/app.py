@@ -433,14 +433,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     type=epath.Path,
     help="a workdir or checkpoint directory; repeat it for a model menu",
   )
-  parser.add_argument("--port", type=int, default=7860, help="(default: %(default)s; 0: any free)")
+  parser.add_argument(
+    "--port", type=int, default=7860, help="port to listen on (default: %(default)s; 0: any free)"
+  )
   parser.add_argument(
     "--host",
     default="127.0.0.1",
     help="address to listen on (default: %(default)s, this machine only; 0.0.0.0: every network)",
   )
-  parser.add_argument("--max_upload_mb", type=float, default=40.0, help="(default: %(default)s)")
-  parser.add_argument("--max_megapixels", type=float, default=50.0, help="(default: %(default)s)")
+  parser.add_argument(
+    "--max_upload_mb", type=float, default=40.0, help="largest photo file (default: %(default)g MB)"
+  )
+  parser.add_argument(
+    "--max_megapixels",
+    type=float,
+    default=50.0,
+    help="largest photo (default: %(default)g million pixels)",
+  )
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
   warnings.simplefilter("ignore", inpaint.HoleShareWarning)  # A painted hole is never inverted.
