@@ -105,6 +105,19 @@ def test_paint_inpaint_and_download_in_a_browser(app, tmp_path):
 
     page.set_input_files("#file", str(tmp_path / "notes.png"))
     sync_api.expect(message).to_contain_text("notes.png is not an image this browser can read")
+    # Over the limits (0.1 MB, 0.02 megapixels): told before any upload.
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "big.png")
+    page.set_input_files("#file", str(tmp_path / "big.png"))
+    sync_api.expect(message).to_have_text(
+      f"big.png is {(tmp_path / 'big.png').stat().st_size / 2**20:.3g} MB; this server accepts "
+      "photos of at most 0.1 MB."
+    )
+    Image.fromarray(noise[:1, :1].repeat(200, 0).repeat(200, 1)).save(tmp_path / "wide.png")
+    page.set_input_files("#file", str(tmp_path / "wide.png"))
+    sync_api.expect(message).to_have_text(
+      "wide.png is 200x200 pixels; this server accepts at most 0.02 megapixels."
+    )
     page.set_input_files("#file", str(tmp_path / "photo.png"))
     sync_api.expect(message).to_contain_text("photo.png: 96x64")
     page.click("#run")
