@@ -2,7 +2,8 @@
 
     python -m pconv_jax.inpaint --checkpoint WORKDIR_OR_CHECKPOINT_DIR --image photo.jpg \
         --mask mask.png --output out.png [--mask_polarity white_hole|black_hole] \
-        [--hd_strategy crop|resize|original --crop_margin 128 --resize_limit 256]
+        [--hd_strategy crop|resize|original --crop_margin 128 --resize_limit 256] \
+        [--compilation_cache_dir ~/.cache/pconv_jax/xla]
     python -m pconv_jax.inpaint --checkpoint DIR --image photos/ --mask masks/ --output results/
 
 In Python (load once, inpaint many):
@@ -429,8 +430,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     type=int,
     help="resize: the long side of the downscaled copy (default: the network's training size)",
   )
+  parser.add_argument(
+    "--compilation_cache_dir",
+    type=Path,
+    help="keep the compiled network there (JAX's persistent cache): later runs at the same sizes "
+    "skip compiling (2.5 of the 6.5 s of a 4000x3000 crop run on a 2-core CPU)",
+  )
   args = parser.parse_args(argv)
   strategy = hd.HDStrategy(args.hd_strategy, args.crop_margin, args.resize_limit)
+  if args.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
     if args.batch_size < 1:
       raise InpaintError(f"--batch_size must be positive, got {args.batch_size}.")

@@ -1,5 +1,10 @@
 """High-resolution strategies: where each network input comes from and what it may write."""
 
+import os
+from pathlib import Path
+import subprocess
+import sys
+
 import cv2
 import jax
 import jax.numpy as jnp
@@ -10,6 +15,7 @@ from skimage import data
 
 from pconv_jax import checkpoints, hd, images, inpaint, models
 
+REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIG = {"depth": 3, "features": [8, 8, 8], "kernel_sizes": [3, 3, 3]}  # Multiples of 8.
 
 
@@ -219,3 +225,27 @@ def test_cli_strategies_match_the_api(checkpoint, inpainter, tmp_path, capsys):
   assert inpaint.main(args + ["--crop_margin", "-1"]) == 1
   err = capsys.readouterr().err
   assert err == "error: The crop margin must be 0 or more pixels, got -1.\n"
+
+
+def test_cli_reuses_compiled_networks_from_a_cache_dir(checkpoint, inpainter, tmp_path):
+  """A run with --compilation_cache_dir fills it; a second run compiles nothing new and gives the
+  same result (separate processes: JAX's cache is per process)."""
+  image = photo(64, 96)
+  hole = np.zeros((64, 96), bool)
+  hole[20:30, 30:60] = True
+  Image.fromarray(image).save(tmp_path / "photo.png")
+  Image.fromarray(np.where(hole, 255, 0).astype(np.uint8)).save(tmp_path / "mask.png")
+  cache = tmp_path / "cache"
+  command = [sys.executable, "-m", "pconv_jax.inpaint", "--checkpoint", str(checkpoint)]
+  command += ["--image", str(tmp_path / "photo.png"), "--mask", str(tmp_path / "mask.png")]
+  command += ["--output", str(tmp_path / "out.png"), "--compilation_cache_dir", str(cache)]
+  entries = []
+  for _ in range(2):
+    subprocess.run(
+      command, check=True, capture_output=True, cwd=REPO, env=os.environ | {"PYTHONPATH": str(REPO)}
+    )
+    entries.append(sorted(p.name for p in cache.iterdir()))
+    np.testing.assert_array_equal(
+      np.asarray(Image.open(tmp_path / "out.png")), inpainter(image, hole)
+    )
+  assert entries[0] and entries[1] == entries[0]
