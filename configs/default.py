@@ -135,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   # constraint, or test_dir, e.g. NVIDIA's).
   config.eval = ml_collections.ConfigDict()
   config.eval.at_end = True  # Evaluate when a training run finishes.
+  # Also during training, every N steps (and at step 0): the learning curve on the evaluation set
+  # (PSNR/SSIM per bin, baselines as lines) to TensorBoard and <workdir>/eval/learning_curve.png.
+  config.eval.every_steps = ml_collections.config_dict.placeholder(int)
   # None: the newest readable checkpoint.
   config.eval.step = ml_collections.config_dict.placeholder(int)
   config.eval.num_images = 1000  # Evenly spaced over the eval split; None: all of it.

@@ -105,7 +105,6 @@ class _Runner:
   def __init__(
     self,
     model: models.PUNet,
-    variables: Mapping[str, Any],
     network: inception.Inception | None,
     mesh: jax.sharding.Mesh,
     batch_size: int,
@@ -113,7 +112,6 @@ class _Runner:
     devices = mesh.devices.size
     self.batch_size = -(-batch_size // devices) * devices
     self._sharded, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
-    self._variables = parallel.replicate(variables, mesh)
 
     def predict(variables, targets, masks_):
       return images.composite(model.apply(variables, targets, masks_, train=False), targets, masks_)
@@ -138,9 +136,10 @@ class _Runner:
     padding = np.full((self.batch_size - len(array),) + array.shape[1:], fill, array.dtype)
     return parallel.global_arrays(np.concatenate([array, padding]), self._sharded)
 
-  def predict(self, images: np.ndarray, masks_: np.ndarray) -> np.ndarray:
-    """Composites (n, H, W, 3) on [-1, 1] for n <= batch_size pairs; padding pairs have no hole."""
-    out = self._predict(self._variables, self._pad(images, 0.0), self._pad(masks_, 1.0))
+  def predict(self, variables: Any, images: np.ndarray, masks_: np.ndarray) -> np.ndarray:
+    """Composites (n, H, W, 3) on [-1, 1] for n <= batch_size pairs; padding pairs have no hole.
+    `variables` are replicated over the mesh."""
+    out = self._predict(variables, self._pad(images, 0.0), self._pad(masks_, 1.0))
     return _host(out)[: len(images)]
 
   def image_metrics(self, predictions: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,13 +169,14 @@ class _MethodResult:
 
 def _evaluate_bin(
   runner: _Runner,
+  variables: Any,
   targets: np.ndarray,
   bin_masks: np.ndarray,
   methods: Sequence[str],
   sample_index: int,
 ) -> tuple[dict[str, _MethodResult], dict[str, np.ndarray]]:
-  """Every method on the P = max(N, M) pairs of one bin; also the
-  outputs of pair `sample_index` for the grid."""
+  """Every method (the model with `variables`, or baselines) on the P = max(N, M) pairs of one
+  bin; also the outputs of pair `sample_index` for the grid."""
   pairs = max(len(targets), len(bin_masks))
   results = {method: _MethodResult() for method in methods}
   sample = {}
@@ -184,10 +184,13 @@ def _evaluate_bin(
     index = np.arange(start, min(start + runner.batch_size, pairs))
     batch_images = targets[index % len(targets)]
     batch_masks = bin_masks[index % len(bin_masks)].astype(np.float32)
-    outputs = {MODEL_METHOD: runner.predict(batch_images, batch_masks)}
-    for method in methods[1:]:
-      filled = baselines.inpaint(method, images.to_uint8(batch_images), batch_masks)
-      outputs[method] = images.to_model_range(filled)
+    outputs = {}
+    for method in methods:
+      if method == MODEL_METHOD:
+        outputs[method] = runner.predict(variables, batch_images, batch_masks)
+      else:
+        filled = baselines.inpaint(method, images.to_uint8(batch_images), batch_masks)
+        outputs[method] = images.to_model_range(filled)
     for method, output in outputs.items():
       for key, value in runner.image_metrics(output, batch_images).items():
         results[method].values[key].append(value)
@@ -220,8 +223,10 @@ def bin_label(index: int) -> str:
   return f"({low:g}, {high:g}]"
 
 
-def _method_name(method: str) -> str:
-  return "PConv (this model)" if method == MODEL_METHOD else baselines.DISPLAY_NAMES[method]
+def method_names(partial: bool, methods: Sequence[str]) -> dict[str, str]:
+  """Display names: the model as the paper names it (PConv, or Conv for plain convolutions)."""
+  model = "PConv (this model)" if partial else "Conv (this model)"
+  return {m: model if m == MODEL_METHOD else baselines.DISPLAY_NAMES[m] for m in methods}
 
 
 def _format(value: float | None, spec: str) -> str:
@@ -238,12 +243,13 @@ def markdown_table(results: Mapping[str, Any]) -> str:
   header = ["Metric", "Method"] + [f"{bin_label(i)} {label(s)}".strip() for s, i in columns]
   rows = {(r["method"], r["mask_set"], r["bin_index"]): r for r in results["rows"]}
   methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+  names = results["method_names"]
   lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(columns)]
   for key, metric_label, spec in TABLE_METRICS:
     for k, method in enumerate(methods):
       cells = [_format(rows[(method, s, i)][key], spec) for s, i in columns]
       lines.append(
-        "| " + " | ".join([metric_label if k == 0 else "", _method_name(method)] + cells) + " |"
+        "| " + " | ".join([metric_label if k == 0 else "", names[method]] + cells) + " |"
       )
   title = (
     f"Evaluation of {results['checkpoint']} (step {results['step']}): {results['num_images']} "
@@ -292,7 +298,7 @@ def _notes(
   network: inception.Inception | None,
   meta: Mapping[str, Any],
   pairs: Mapping[str, Mapping[str, int]],
-  methods: Sequence[str],
+  names: Mapping[str, str],
 ) -> list[str]:
   notes = [
     "Metrics on the composite (output in the holes, input elsewhere), images on [0, 1]: L1 in % "
@@ -318,13 +324,13 @@ def _notes(
     )
   if any(n == 0 for counts in pairs.values() for n in counts.values()):
     notes.append("Some bins have no masks (n/a): the mask set has none with that hole ratio.")
-  columns = ", ".join(
-    ["input with holes in white"] + [_method_name(m) for m in methods] + ["ground truth"]
-  )
+  columns = ", ".join(["input with holes in white"] + list(names.values()) + ["ground truth"])
   notes.append(
     "Sample grids samples_<mask set>.png: one row per bin, smallest holes first; columns: "
     f"{columns}."
   )
+  if "config" in meta:
+    notes.append(training_note(meta))
   if config.eval.note:
     notes.append(config.eval.note)
   if "layout" in meta:
@@ -341,6 +347,116 @@ def _notes(
   return notes
 
 
+class Evaluator:
+  """The evaluation images and mask sets of `config.eval` with the baselines scored once; scores a
+  model's variables on them (the final table, and the learning curve during training)."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model: models.PUNet,
+    mesh: jax.sharding.Mesh,
+    network: inception.Inception | None = None,
+  ):
+    validate_config(config)
+    cfg = config.eval
+    available = len(input_pipeline.create_image_source(config.data, train=False))
+    if cfg.num_images is not None and cfg.num_images > available:
+      raise EvalConfigError(
+        f"config.eval.num_images is {cfg.num_images} but the evaluation images number "
+        f"{available}: set it to at most {available}, or to None for all of them."
+      )
+    self.targets = input_pipeline.load_eval_images(config.data, cfg.num_images)
+    self.mask_sets = masks.load_eval_masks(config.data, cfg.masks_per_bin, seed=cfg.seed)
+    self.methods = (MODEL_METHOD,) + tuple(cfg.baselines)
+    self.pairs = {
+      set_name: {bin_label(i): self._pairs(by_bin, i) for i in range(len(masks.HOLE_RATIO_BINS))}
+      for set_name, by_bin in self.mask_sets.items()
+    }
+    self._mesh = mesh
+    self._runner = _Runner(model, network, mesh, cfg.batch_size)
+    self._real_features = None
+    if self._runner.has_inception:
+      self._real_features = np.concatenate(
+        [
+          self._runner.inception(self.targets[s : s + self._runner.batch_size])[0]
+          for s in range(0, len(self.targets), self._runner.batch_size)
+        ]
+      )
+    self._baselines = {
+      (set_name, i): _evaluate_bin(
+        self._runner, None, self.targets, by_bin[i], self.methods[1:], i % self._pairs(by_bin, i)
+      )
+      for set_name, by_bin in self.mask_sets.items()
+      for i in range(len(masks.HOLE_RATIO_BINS))
+      if self._pairs(by_bin, i)
+    }
+
+  def _pairs(self, by_bin: Mapping[int, np.ndarray], bin_index: int) -> int:
+    count = len(by_bin.get(bin_index, ()))
+    return max(len(self.targets), count) if count else 0
+
+  def evaluate(self, variables: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The rows of every method, bin and mask set for `variables` (replicated over the mesh), and
+    each mask set's sample grid."""
+    rows, grids = [], {}
+    for set_name, by_bin in self.mask_sets.items():
+      samples = []
+      for bin_index in range(len(masks.HOLE_RATIO_BINS)):
+        count = self._pairs(by_bin, bin_index)
+        if count:
+          by_method, sample = _evaluate_bin(
+            self._runner,
+            variables,
+            self.targets,
+            by_bin[bin_index],
+            (MODEL_METHOD,),
+            bin_index % count,
+          )
+          baseline_results, baseline_sample = self._baselines[(set_name, bin_index)]
+          by_method |= baseline_results
+          samples.append(sample | baseline_sample)
+        for method in self.methods:
+          values = (
+            _summarise(by_method[method], self._real_features)
+            if count
+            else dict.fromkeys(IMAGE_METRICS + ("inception_score", "fid"))
+          )
+          rows.append(
+            {
+              "method": method,
+              "mask_set": set_name,
+              "bin": bin_label(bin_index),
+              "bin_index": bin_index,
+              "pairs": count,
+              **values,
+            }
+          )
+      if samples:
+        grids[set_name] = _sample_grid(samples, self.methods)
+    return rows, grids
+
+
+def training_note(meta: Mapping[str, Any]) -> str:
+  """What was trained, from a training checkpoint's own record: network, steps, batch, images."""
+  config = meta["config"]
+  model, data = config["model"], config["data"]
+  kind = "PConv" if model["partial"] else "Conv (plain convolutions, the paper's baseline)"
+  widths = model["features"] or models.paper_features(model["depth"])
+  source = {
+    "demo": "the demo's natural photos",
+    "folder": f"the images under {data['folder']}",
+    "tfds": f"{data['tfds_name']} {data['train_split']}",
+  }[data["source"]]
+  images = f"{meta['train_images']} images" if "train_images" in meta else "images"
+  size = data["image_size"]
+  return (
+    f"The model: {kind} U-Net of depth {model['depth']}, widths {'-'.join(map(str, widths))}, "
+    f"after {meta['step']} steps ({meta['stage']} stage) at batch {config['optim']['batch_size']} "
+    f"on {size}x{size} crops of {images} ({source})."
+  )
+
+
 def evaluate(
   config: ml_collections.ConfigDict,
   workdir: str | epath.Path,
@@ -352,9 +468,9 @@ def evaluate(
 
   Writes `workdir/eval/step_<N>/results.{csv,md,json}` and sample grids, prints the Markdown table
   and returns the results: {"checkpoint", "step", "num_images", "image_size", "mask_source",
-  "pairs", "inception", "notes", "rows": [{"method", "mask_set", "bin", "bin_index", "pairs",
-  "l1_percent", "psnr", "ssim", "inception_score", "fid"}]} (None where a value cannot be computed,
-  +inf PSNR for an exact reconstruction).
+  "pairs", "inception", "method_names", "notes", "rows": [{"method", "mask_set", "bin",
+  "bin_index", "pairs", "l1_percent", "psnr", "ssim", "inception_score", "fid"}]} (None where a
+  value cannot be computed, +inf PSNR for an exact reconstruction).
   """
   validate_config(config)
   cfg = config.eval
@@ -366,70 +482,26 @@ def evaluate(
   model = model.clone(kernels=kernels.select(config.model.conv_impl, mesh.devices.flat))
   step = meta["step"]
   network = inception.resolve(cfg.inception_weights) if cfg.inception else None
-  available = len(input_pipeline.create_image_source(config.data, train=False))
-  if cfg.num_images is not None and cfg.num_images > available:
-    raise EvalConfigError(
-      f"config.eval.num_images is {cfg.num_images} but the evaluation images number "
-      f"{available}: set it to at most {available}, or to None for all of them."
-    )
-  targets = input_pipeline.load_eval_images(config.data, cfg.num_images)
-  mask_sets = masks.load_eval_masks(config.data, cfg.masks_per_bin, seed=cfg.seed)
+  evaluator = Evaluator(config, model, mesh, network)
   logging.info(
     "Evaluating %s step %d on %d images and mask sets %s.",
     directory,
     step,
-    len(targets),
-    {name: {bin_label(i): len(m) for i, m in sets.items()} for name, sets in mask_sets.items()},
+    len(evaluator.targets),
+    evaluator.pairs,
   )
-
-  runner = _Runner(model, variables, network, mesh, cfg.batch_size)
-  real_features = None
-  if runner.has_inception:
-    real_features = np.concatenate(
-      [
-        runner.inception(targets[s : s + runner.batch_size])[0]
-        for s in range(0, len(targets), runner.batch_size)
-      ]
-    )
-  methods = (MODEL_METHOD,) + tuple(cfg.baselines)
-  rows, grids, pairs = [], {}, {}
-  for set_name, by_bin in mask_sets.items():
-    samples, pairs[set_name] = [], {}
-    for bin_index in range(len(masks.HOLE_RATIO_BINS)):
-      bin_masks = by_bin.get(bin_index, np.zeros((0,) + targets.shape[1:3] + (1,), np.uint8))
-      count = max(len(targets), len(bin_masks)) if len(bin_masks) else 0
-      pairs[set_name][bin_label(bin_index)] = count
-      if count:
-        by_method, sample = _evaluate_bin(runner, targets, bin_masks, methods, bin_index % count)
-        samples.append(sample)
-      for method in methods:
-        values = (
-          _summarise(by_method[method], real_features)
-          if count
-          else dict.fromkeys(IMAGE_METRICS + ("inception_score", "fid"))
-        )
-        rows.append(
-          {
-            "method": method,
-            "mask_set": set_name,
-            "bin": bin_label(bin_index),
-            "bin_index": bin_index,
-            "pairs": count,
-            **values,
-          }
-        )
-    if samples:
-      grids[set_name] = _sample_grid(samples, methods)
-
+  rows, grids = evaluator.evaluate(parallel.replicate(variables, mesh))
+  names = method_names(model.partial, evaluator.methods)
   results = {
     "checkpoint": str(directory),
     "step": step,
-    "num_images": len(targets),
-    "image_size": int(targets.shape[1]),
+    "num_images": len(evaluator.targets),
+    "image_size": int(evaluator.targets.shape[1]),
     "mask_source": config.data.masks.test_dir or "procedural evaluation masks",
-    "pairs": pairs,
+    "pairs": evaluator.pairs,
     "inception": None if network is None else network.source,
-    "notes": _notes(config, network, meta, pairs, methods),
+    "method_names": names,
+    "notes": _notes(config, network, meta, evaluator.pairs, names),
     "rows": rows,
   }
   table = markdown_table(results)

@@ -5,7 +5,7 @@ Sources (config.data.source):
           `tfds.data_source`-style random access without TensorFlow (e.g. places365_small,
           celeb_a_hq/256, imagenet2012);
   folder  every image file under a directory (recursively, sorted by path);
-  demo    natural photos shipped inside scikit-image's wheel (no network), some held out for eval.
+  demo    natural photos shipped inside installed packages (no network), two held out for eval.
 
 Determinism: training example at global position g (= step * global_batch + i) is record
 perm_e(g mod N) of epoch e = g div N, with grain's per-epoch index shuffle seeded from `seed`; its
@@ -43,18 +43,21 @@ from pconv_jax import images
 from pconv_jax import masks as masks_lib
 from pconv_jax.errors import ConfigError, DataError, MissingDataError
 
-# Colour photos in scikit-image's wheel (skimage/data) that load without a download. The motorcycle
-# stereo pair stays on one side of the split so the demo's eval photos are unseen.
+# Every natural colour photo that the pinned packages ship, as (package, folder in it, file); they
+# load without a network. Not taken: scikit-image's microscopy and astronomy images (retina, ihc,
+# hubble_deep_field), grey photos and drawings. The motorcycle stereo pair stays on one side of the
+# split so that the held-out photos are unseen.
 DEMO_TRAIN_PHOTOS = (
-  "astronaut.png",
-  "hubble_deep_field.jpg",
-  "ihc.png",
-  "motorcycle_left.png",
-  "motorcycle_right.png",
-  "retina.jpg",
-  "rocket.jpg",
+  ("skimage", "data", "astronaut.png"),
+  ("skimage", "data", "motorcycle_left.png"),
+  ("skimage", "data", "motorcycle_right.png"),
+  ("skimage", "data", "rocket.jpg"),
+  ("sklearn", "datasets/images", "china.jpg"),
+  ("sklearn", "datasets/images", "flower.jpg"),
+  ("matplotlib", "mpl-data/sample_data", "grace_hopper.jpg"),
 )
-DEMO_EVAL_PHOTOS = ("chelsea.png", "coffee.png")
+DEMO_EVAL_PHOTOS = (("skimage", "data", "chelsea.png"), ("skimage", "data", "coffee.png"))
+_DEMO_PACKAGES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 
 _MAX_CONSECUTIVE_SKIPS = 100
 _STATE_VERSION = 1
@@ -135,19 +138,21 @@ def folder_source(folder: str | pathlib.Path) -> FileSource:
 
 
 def demo_source(*, train: bool) -> FileSource:
-  """The demo photos from scikit-image's wheel: DEMO_TRAIN_PHOTOS
-  or the held-out DEMO_EVAL_PHOTOS."""
-  spec = importlib.util.find_spec("skimage")
-  if spec is None or not spec.submodule_search_locations:
-    raise DataError(
-      "config.data.source='demo' needs scikit-image (pip install scikit-image==0.26.0)."
-    )
-  data_dir = pathlib.Path(spec.submodule_search_locations[0]) / "data"
-  paths = tuple(str(data_dir / name) for name in (DEMO_TRAIN_PHOTOS if train else DEMO_EVAL_PHOTOS))
-  missing = [p for p in paths if not pathlib.Path(p).is_file()]
-  if missing:
-    raise MissingDataError(f"Demo photos missing from this scikit-image install: {missing}.")
-  return FileSource(paths)
+  """The natural photos shipped inside installed packages: DEMO_TRAIN_PHOTOS or the held-out
+  DEMO_EVAL_PHOTOS."""
+  paths = []
+  for package, folder, name in DEMO_TRAIN_PHOTOS if train else DEMO_EVAL_PHOTOS:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+      raise DataError(
+        f"config.data.source='demo' needs {_DEMO_PACKAGES[package]}, which ships its photo "
+        f"{name}: pip install -r requirements.txt."
+      )
+    path = pathlib.Path(spec.submodule_search_locations[0], folder, name)
+    if not path.is_file():
+      raise MissingDataError(f"Demo photo {path} is missing from this {package} install.")
+    paths.append(str(path))
+  return FileSource(tuple(paths))
 
 
 def tfds_source(

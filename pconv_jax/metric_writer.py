@@ -48,6 +48,11 @@ class MetricWriter:
     for name, image in images.items():
       self._writer.add_image(name, image, global_step=step, dataformats="HWC")
 
+  def write_layout(self, layout: Mapping[str, Mapping[str, list[Any]]]) -> None:
+    """TensorBoard custom scalars: charts that draw several scalars together."""
+    if self.enabled:
+      self._writer.add_custom_scalars(layout)
+
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     """The run's configuration, as TensorBoard text and as `hparams.json` beside the event files."""
     if not self.enabled:

@@ -31,6 +31,7 @@ from pconv_jax import (
   images,
   input_pipeline,
   kernels,
+  learning_curve,
   losses,
   masks,
   models,
@@ -38,7 +39,7 @@ from pconv_jax import (
   vgg,
 )
 from pconv_jax.errors import ConfigError
-from pconv_jax.metric_writer import MetricWriter
+from pconv_jax.metric_writer import MetricWriter, read_metrics
 
 INITIAL, FINETUNE = "initial", "finetune"
 
@@ -205,9 +206,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name in ("log_every_steps", "sample_every_steps"):
     if config.train[name] <= 0:
       raise ConfigError(f"config.train.{name} must be positive.")
+  if config.eval.every_steps is not None and config.eval.every_steps <= 0:
+    raise ConfigError("config.eval.every_steps must be positive, or None for no learning curve.")
   if config.checkpoint.every_steps <= 0 or config.checkpoint.max_to_keep <= 0:
     raise ConfigError("config.checkpoint.every_steps and max_to_keep must be positive.")
-  if config.eval.at_end:  # Not only after days of training.
+  if config.eval.at_end or config.eval.every_steps:  # Not only after days of training.
     evaluate.validate_config(config)
 
 
@@ -276,6 +279,39 @@ class _Samples:
       writer.write_images(step, {"samples/input_output_composite_truth": grid})
 
 
+class _LearningCurve:
+  """Held-out evaluation every `config.eval.every_steps` steps: scalars for TensorBoard and the
+  JSON lines, and the whole curve redrawn as `<workdir>/eval/learning_curve.png`."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    model: models.PUNet,
+    mesh: jax.sharding.Mesh,
+    workdir: epath.Path,
+  ):
+    self._evaluator = evaluate.Evaluator(config, model, mesh)
+    self._names = evaluate.method_names(config.model.partial, self._evaluator.methods)
+    self._logdir, self._path = workdir / "logs", workdir / "eval" / "learning_curve.png"
+    size = config.data.image_size
+    self._title = (
+      f"{workdir.name}: held-out evaluation on {len(self._evaluator.targets)} images at "
+      f"{size}x{size}, {config.eval.masks_per_bin} masks per bin"
+    )
+    self._layout_written = False
+
+  def write(self, state: TrainState, writer: MetricWriter, step: int) -> None:
+    rows, _ = self._evaluator.evaluate({"params": state.params, "batch_stats": state.batch_stats})
+    values = learning_curve.scalars(rows)
+    if not self._layout_written:
+      writer.write_layout(learning_curve.layout(list(values)))
+      self._layout_written = True
+    writer.write_scalars(step, values)
+    if jax.process_index() == 0:
+      self._path.parent.mkdir(parents=True, exist_ok=True)
+      learning_curve.plot(read_metrics(self._logdir), self._path, self._names, self._title)
+
+
 def _log_parameter_overview(params: Any) -> None:
   for side in sorted(params):
     count = sum(x.size for x in jax.tree.leaves(params[side]))
@@ -309,7 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   data_iter = input_pipeline.create_train_iter(
     config.data, global_batch_size=config.optim.batch_size, seed=config.seed
   )
+  train_images = len(input_pipeline.create_image_source(config.data, train=True))
   samples = _Samples(config, model, mesh)
+  curve = _LearningCurve(config, model, mesh, workdir) if config.eval.every_steps else None
   manager = checkpoints.train_manager(workdir / "checkpoints", config.checkpoint.max_to_keep)
 
   def abstract(meta: Mapping[str, Any]) -> TrainState:
@@ -365,6 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
   last_log = (time.perf_counter(), step)
   finished = False
   try:
+    if curve and step == 0:
+      curve.write(state, writer, step)
     while step < total_steps:
       stage = stage_at(step, stages)
       # initial -> finetune within the run: a fresh optimizer at the lower rate.
@@ -393,6 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         pending = []
       if step % config.train.sample_every_steps == 0 or step == total_steps:
         samples.write(state, writer, workdir / "samples", step)
+      if curve and (step % config.eval.every_steps == 0 or step == total_steps):
+        curve.write(state, writer, step)
       preempted = preemption.reached(step)
       if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
         apply_nonfinite_policy(pending, step, config.train.nonfinite)
@@ -402,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
           "model": config.model.to_dict(),
           "config": config.to_dict(),
           "vgg_losses": vgg_variables is not None,
+          "train_images": train_images,
         }
         checkpoints.save_train_state(manager, step, state, data_iter, meta)
       if preempted:

@@ -1,0 +1,96 @@
+"""The tables and pictures of docs/quality.md from the two runs of the CPU quality recipe.
+
+    python -m docs.quality_report --pconv WORKDIR --conv WORKDIR [--out docs/quality]
+
+Reads each run's final evaluation (`eval/step_<N>/results.json`), prints and writes
+`<out>/results.md`: the paper's table with the Conv ablation's rows beside PConv's and the
+baselines', and whether PConv beats Telea and Navier-Stokes in PSNR and SSIM in every bin of
+TARGET_BINS of both mask sets. Copies beside it each run's learning curve, final sample grids and
+`train.log` (the run's console output).
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+from typing import Any
+
+from pconv_jax import evaluate
+
+TARGET_BINS = (2, 3, 4, 5)  # (0.2, 0.3] ... (0.5, 0.6]
+BASELINES = ("telea", "navier_stokes")
+CONV = "conv"
+
+
+def final_results(workdir: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]]:
+  """The newest `eval/step_<N>` directory of a workdir and its results."""
+  steps = sorted(workdir.glob("eval/step_*/results.json"), key=lambda p: int(p.parent.name[5:]))
+  if not steps:
+    raise SystemExit(f"error: {workdir} has no eval/step_*/results.json: is the run finished?")
+  return steps[-1].parent, json.loads(steps[-1].read_text())
+
+
+def merged(pconv: dict[str, Any], conv: dict[str, Any]) -> dict[str, Any]:
+  """PConv's results with the Conv run's model rows added as method CONV."""
+  conv_rows = [
+    {**row, "method": CONV} for row in conv["rows"] if row["method"] == evaluate.MODEL_METHOD
+  ]
+  names = pconv["method_names"] | {CONV: "Conv (ablation)"}
+  methods = [evaluate.MODEL_METHOD, CONV] + [
+    m for m in names if m not in (evaluate.MODEL_METHOD, CONV)
+  ]
+  rows = sorted(pconv["rows"] + conv_rows, key=lambda r: methods.index(r["method"]))
+  return pconv | {"rows": rows, "method_names": {m: names[m] for m in methods}}
+
+
+def target_check(results: dict[str, Any]) -> list[str]:
+  """Per mask set and target bin: PConv's PSNR and SSIM margins over the better baseline."""
+  rows = {(r["method"], r["mask_set"], r["bin_index"]): r for r in results["rows"]}
+  lines = [
+    "| mask set | bin | PSNR margin (dB) | SSIM margin | PConv ahead in both |",
+    "|---|---|---:|---:|---|",
+  ]
+  for mask_set in results["pairs"]:
+    for i in TARGET_BINS:
+      model = rows[(evaluate.MODEL_METHOD, mask_set, i)]
+      margins = {
+        key: model[key] - max(rows[(b, mask_set, i)][key] for b in BASELINES)
+        for key in ("psnr", "ssim")
+      }
+      ahead = "yes" if min(margins.values()) > 0 else "**no**"
+      lines.append(
+        f"| {mask_set} | {evaluate.bin_label(i)} | {margins['psnr']:+.2f} | "
+        f"{margins['ssim']:+.4f} | {ahead} |"
+      )
+  return lines
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--pconv", required=True, type=pathlib.Path)
+  parser.add_argument("--conv", required=True, type=pathlib.Path)
+  parser.add_argument("--out", default="docs/quality", type=pathlib.Path)
+  args = parser.parse_args()
+  args.out.mkdir(parents=True, exist_ok=True)
+  (pconv_dir, pconv), (conv_dir, conv) = final_results(args.pconv), final_results(args.conv)
+  results = merged(pconv, conv)
+  text = "\n".join(
+    [
+      evaluate.markdown_table(results),
+      "The margin of PConv over the better of Telea and Navier-Stokes in the target bins:",
+      "",
+      *target_check(results),
+      "",
+    ]
+  )
+  (args.out / "results.md").write_text(text)
+  print(text)
+  for name, workdir, eval_dir in (("pconv", args.pconv, pconv_dir), ("conv", args.conv, conv_dir)):
+    shutil.copy(workdir / "eval" / "learning_curve.png", args.out / f"learning_curve_{name}.png")
+    for grid in sorted(eval_dir.glob("samples_*.png")):
+      shutil.copy(grid, args.out / f"{grid.stem}_{name}.png")
+    shutil.copy(workdir / "train.log", args.out / f"train_{name}.log")
+
+
+if __name__ == "__main__":
+  main()
