@@ -39,9 +39,13 @@ def measure(workdir: str) -> list[tuple[str, np.ndarray, float, float]]:
   config = ml_collections.ConfigDict(meta["config"])
   targets = input_pipeline.load_eval_images(config.data, config.eval.num_images)
   by_bin = masks.load_eval_masks(config.data, config.eval.masks_per_bin, seed=config.eval.seed)
-  hole_masks = np.concatenate(list(by_bin["no_border"].values())).astype(np.float32)
-  pairs = np.arange(max(len(targets), len(hole_masks)))
-  x, m = targets[pairs % len(targets)], hole_masks[pairs % len(hole_masks)]
+  pairs = [
+    (targets[j % len(targets)], bin_masks[j % len(bin_masks)])
+    for bin_masks in by_bin["no_border"].values()
+    for j in range(max(len(targets), len(bin_masks)))
+  ]
+  x = np.stack([target for target, _ in pairs])
+  m = np.stack([mask for _, mask in pairs]).astype(np.float32)
   holes = m < 0.5
   rows = []
   for mode in ("running averages", "batch statistics"):

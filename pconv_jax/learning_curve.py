@@ -3,11 +3,16 @@ classical baselines as horizontal lines.
 
 During training (`config.eval.every_steps`) each evaluation's rows become scalars named
 `eval/<metric>/<mask set>/<bin>/<method>` (TensorBoard, where a custom-scalars layout puts each
-bin's methods in one chart, and the JSON lines of `metric_writer`), and `plot` draws them all
-from those JSON lines into one PNG.
+bin's methods in one chart, and the JSON lines of `metric_writer`), and `draw` redraws them all
+from those JSON lines into `<workdir>/eval/learning_curve.png`. Also from the shell:
+
+    python -m pconv_jax.learning_curve WORKDIR [--output PNG]
 """
 
+import argparse
 from collections.abc import Mapping, Sequence
+import json
+import sys
 from typing import Any
 
 from etils import epath
@@ -17,6 +22,7 @@ matplotlib.use("Agg")  # No display: draw into files.
 from matplotlib import pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 
 from pconv_jax import evaluate, masks  # noqa: E402
+from pconv_jax.metric_writer import read_metrics  # noqa: E402
 
 PREFIX = "eval"
 METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
@@ -62,7 +68,9 @@ def plot(
 ) -> None:
   """Draws every `eval/...` scalar of `metrics_by_step` (`metric_writer.read_metrics`) into a PNG:
   a row per metric and mask set, a column per bin; the model's values against steps, each
-  baseline as a horizontal line at its value. `names`: display names of the methods."""
+  baseline as a horizontal line at its value. `names`: display names of the methods. The y-axis
+  spans the baselines and the model from its second evaluation on: the untrained network's first
+  value would flatten the part that matters."""
   series: dict[tuple[str, str, str], dict[str, list[tuple[int, float]]]] = {}
   for step in sorted(metrics_by_step):
     for name, value in metrics_by_step[step].items():
@@ -82,14 +90,20 @@ def plot(
     for c, bin_ in enumerate(bins):
       ax = axes[r][c]
       lines = series.get((metric, mask_set, bin_), {})
+      shown = []
       if evaluate.MODEL_METHOD in lines:
         steps, values = zip(*lines[evaluate.MODEL_METHOD])
         ax.plot(steps, values, "o-", color="C0", markersize=3, label=names[evaluate.MODEL_METHOD])
+        shown += values[1:]
       baseline_methods = [m for m in lines if m != evaluate.MODEL_METHOD]
       for k, method in enumerate(baseline_methods):
-        ax.axhline(
-          lines[method][-1][1], color=f"C{k + 1}", linestyle=styles[k % 3], label=names[method]
-        )
+        value = lines[method][-1][1]
+        ax.axhline(value, color=f"C{k + 1}", linestyle=styles[k % 3], label=names[method])
+        shown.append(value)
+      if shown:
+        low, high = min(shown), max(shown)
+        pad = 0.08 * (high - low) or 0.01 * abs(high) or 0.01
+        ax.set_ylim(low - pad, high + pad)
       ax.set_title(f"{bin_} {mask_set}", fontsize=9)
       ax.tick_params(labelsize=7)
       if c == 0:
@@ -111,3 +125,36 @@ def plot(
   with epath.Path(path).open("wb") as f:
     figure.savefig(f, format="png", dpi=110)
   plt.close(figure)
+
+
+def draw(workdir: str | epath.Path, output: str | epath.Path | None = None) -> epath.Path:
+  """Redraws a training workdir's curve from its logs (default output:
+  `<workdir>/eval/learning_curve.png`) and returns the PNG's path."""
+  workdir = epath.Path(workdir)
+  config = json.loads((workdir / "logs" / "hparams.json").read_text())
+  methods = (evaluate.MODEL_METHOD,) + tuple(config["eval"]["baselines"])
+  size = config["data"]["image_size"]
+  title = (
+    f"{workdir.name}: held-out evaluation at {size}x{size}, "
+    f"{config['eval']['masks_per_bin']} masks per bin and mask set"
+  )
+  output = epath.Path(output) if output else workdir / "eval" / "learning_curve.png"
+  output.parent.mkdir(parents=True, exist_ok=True)
+  names = evaluate.method_names(config["model"]["partial"], methods)
+  plot(read_metrics(workdir / "logs"), output, names, title)
+  return output
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description="Redraws a training run's learning curve.")
+  parser.add_argument("workdir", help="A training workdir trained with config.eval.every_steps.")
+  parser.add_argument("--output", help="The PNG (default: WORKDIR/eval/learning_curve.png).")
+  args = parser.parse_args(argv)
+  workdir = epath.Path(args.workdir)
+  if not (workdir / "logs" / "hparams.json").exists():
+    sys.exit(f"error: {workdir} has no logs/hparams.json: is it a training workdir?")
+  print(draw(workdir, args.output))
+
+
+if __name__ == "__main__":
+  main()

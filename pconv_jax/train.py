@@ -39,7 +39,7 @@ from pconv_jax import (
   vgg,
 )
 from pconv_jax.errors import ConfigError
-from pconv_jax.metric_writer import MetricWriter, read_metrics
+from pconv_jax.metric_writer import MetricWriter
 
 INITIAL, FINETUNE = "initial", "finetune"
 
@@ -291,13 +291,7 @@ class _LearningCurve:
     workdir: epath.Path,
   ):
     self._evaluator = evaluate.Evaluator(config, model, mesh)
-    self._names = evaluate.method_names(config.model.partial, self._evaluator.methods)
-    self._logdir, self._path = workdir / "logs", workdir / "eval" / "learning_curve.png"
-    size = config.data.image_size
-    self._title = (
-      f"{workdir.name}: held-out evaluation on {len(self._evaluator.targets)} images at "
-      f"{size}x{size}, {config.eval.masks_per_bin} masks per bin"
-    )
+    self._workdir = workdir
     self._layout_written = False
 
   def write(self, state: TrainState, writer: MetricWriter, step: int) -> None:
@@ -308,8 +302,7 @@ class _LearningCurve:
       self._layout_written = True
     writer.write_scalars(step, values)
     if jax.process_index() == 0:
-      self._path.parent.mkdir(parents=True, exist_ok=True)
-      learning_curve.plot(read_metrics(self._logdir), self._path, self._names, self._title)
+      learning_curve.draw(self._workdir)
 
 
 def _log_parameter_overview(params: Any) -> None:

@@ -135,6 +135,12 @@ def test_eval_run_writes_every_table_bin_and_baseline(workdir, monkeypatch, tmp_
   assert grid.shape == (6 * 32, (len(methods) + 2) * 32, 3)
 
 
+def test_the_model_row_is_named_as_the_paper_names_it():
+  names = evaluate.method_names(True, ("pconv", "telea"))
+  assert names == {"pconv": "PConv (this model)", "telea": "Telea (OpenCV)"}
+  assert evaluate.method_names(False, ("pconv",)) == {"pconv": "Conv (this model)"}
+
+
 def test_eval_is_deterministic_and_independent_of_the_batch_size(workdir, tmp_path):
   # 10 pairs per bin: batches of 8 + 2 (padded).
   config = tiny_config(baselines=("mean_fill",), masks_per_bin=10)

@@ -19,14 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 import tiny_config
 
+from configs import demo
 from pconv_jax import (
   checkpoints,
+  evaluate,
   hugepages,
   input_pipeline,
   kernels,
+  learning_curve,
   metric_writer,
   parallel,
   train,
@@ -73,6 +77,45 @@ def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
   table = (tmp_path / "eval" / "step_6" / "results.md").read_text()
   assert "| Mean colour |" in table and "| PConv (this model) |" in table
   assert "without the perceptual and style losses" in table
+  # The notes say what this run trained, from its checkpoint.
+  assert (
+    "The model: PConv U-Net of depth 3, widths 8-16-16, after 6 steps (finetune stage) at batch 8 "
+    "on 32x32 crops of 7 images (the demo's natural photos)." in table
+  )
+
+
+def test_learning_curve_holds_each_evaluation_and_the_final_one_equals_the_checkpoints(tmp_path):
+  config = tiny_config.get_config()
+  config.eval.update(every_steps=3, num_images=None, masks_per_bin=1, baselines=("mean_fill",))
+  train.train_and_evaluate(config, tmp_path)
+  curve = {
+    step: {k: v for k, v in values.items() if k.startswith("eval/")}
+    for step, values in metric_writer.read_metrics(tmp_path / "logs").items()
+  }
+  curve = {step: values for step, values in curve.items() if values}
+  assert sorted(curve) == [0, 3, 6]
+  # 2 metrics x 2 mask sets x 6 bins x (model, mean fill), each bin with 2 pairs.
+  assert all(len(values) == 48 for values in curve.values())
+  assert curve[0]["eval/psnr/N/0.2-0.3/pconv"] != curve[6]["eval/psnr/N/0.2-0.3/pconv"]
+  # The baselines do not train: one value at every step, a horizontal line.
+  baseline = {k: v for k, v in curve[0].items() if k.endswith("/mean_fill")}
+  assert all({k: curve[s][k] for k in baseline} == baseline for s in (3, 6))
+  # An independent evaluation of the step-6 checkpoint (reloaded, its own Evaluator) agrees.
+  results = evaluate.evaluate(config, tmp_path / "again", checkpoint=tmp_path / "checkpoints")
+  assert results["step"] == 6
+  for row in results["rows"]:
+    for metric in ("psnr", "ssim"):
+      name = learning_curve.tag(metric, row["mask_set"], row["bin_index"], row["method"])
+      np.testing.assert_allclose(curve[6][name], row[metric], rtol=1e-5)
+  with Image.open(tmp_path / "eval" / "learning_curve.png") as png:
+    assert png.format == "PNG" and png.width > 1000
+  learning_curve.main([str(tmp_path), "--output", str(tmp_path / "redrawn.png")])
+  with Image.open(tmp_path / "redrawn.png") as png:
+    assert png.size == Image.open(tmp_path / "eval" / "learning_curve.png").size
+  with pytest.raises(SystemExit, match="no logs/hparams.json"):
+    learning_curve.main([str(tmp_path / "checkpoints")])
+  events = next((tmp_path / "logs").glob("events.out.tfevents.*")).read_bytes()
+  assert b"custom_scalars" in events and b"eval/psnr/B/0.5-0.6/mean_fill" in events
 
 
 def make_state_and_batches(config, mesh, num_batches):
@@ -267,6 +310,7 @@ def test_nonfinite_update_is_not_applied_and_policy_is_applied():
     (("mesh", "data", 16), "config.mesh.data=16"),
     (("model", "output_activation", "relu"), "config.model.output_activation must be one of"),
     (("model", "input_mean", (0.5, 0.5, 0.5)), "config.model.input_mean and input_std are set"),
+    (("eval", "every_steps", 0), "config.eval.every_steps must be positive"),
   ],
 )
 def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
@@ -276,6 +320,14 @@ def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
   with pytest.raises(train.ConfigError, match=match):
     train.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_quality_recipe_validates_and_unknown_variants_are_refused():
+  config = demo.get_config("quality")
+  train.validate_config(config)
+  assert config.eval.every_steps and config.model.partial
+  with pytest.raises(ValueError, match="the only one is 'quality'"):
+    demo.get_config("fast")
 
 
 def test_unknown_dataset_and_missing_vgg_weights_are_explained(tmp_path):

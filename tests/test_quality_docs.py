@@ -1,0 +1,87 @@
+"""The scripts behind docs/quality.md, on a tiny finished run: the report's merged table and target
+check, and the colour-cast measurements."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import tiny_config
+
+from docs import colour_cast, quality_report
+from pconv_jax import evaluate, train
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny_config.get_config()
+  config.eval.update(at_end=True, every_steps=6, num_images=None, masks_per_bin=1)
+  train.train_and_evaluate(config, workdir)
+  (workdir / "train.log").write_text("the run's console output\n")
+  return workdir
+
+
+def test_report_puts_conv_beside_pconv_and_checks_the_target_bins(
+  finished_run, tmp_path, monkeypatch
+):
+  argv = ["quality_report", "--pconv", str(finished_run), "--conv", str(finished_run)]
+  monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path)])
+  quality_report.main()
+  lines = (tmp_path / "results.md").read_text().splitlines()
+  # The same run as both: the Conv row follows PConv's with the same numbers.
+  for label in ("L1 (%)", "PSNR (dB)", "SSIM"):
+    i = lines.index(next(line for line in lines if line.startswith(f"| {label} | PConv")))
+    assert lines[i + 1].startswith("|  | Conv (ablation) |")
+    assert lines[i].split("|")[3:] == lines[i + 1].split("|")[3:]
+  results = json.loads((finished_run / "eval" / "step_6" / "results.json").read_text())
+  rows = {(r["method"], r["mask_set"], r["bin_index"]): r for r in results["rows"]}
+  for mask_set in ("no_border", "border"):
+    for i in quality_report.TARGET_BINS:
+      best = {
+        k: max(rows[(b, mask_set, i)][k] for b in ("telea", "navier_stokes"))
+        for k in ("psnr", "ssim")
+      }
+      margin = {k: rows[("pconv", mask_set, i)][k] - best[k] for k in best}
+      ahead = "yes" if margin["psnr"] > 0 and margin["ssim"] > 0 else "**no**"
+      expected = (
+        f"| {mask_set} | {evaluate.bin_label(i)} | {margin['psnr']:+.2f} | "
+        f"{margin['ssim']:+.4f} | {ahead} |"
+      )
+      assert expected in lines
+  assert {p.name for p in tmp_path.iterdir()} == {
+    "results.md",
+    *(f"learning_curve_{m}.png" for m in ("pconv", "conv")),
+    *(f"samples_{s}_{m}.png" for s in ("no_border", "border") for m in ("pconv", "conv")),
+    *(f"train_{m}.log" for m in ("pconv", "conv")),
+  }
+
+
+def test_report_refuses_an_unfinished_run(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "argv", ["quality_report", "--pconv", str(tmp_path), "--conv", "x"])
+  with pytest.raises(SystemExit, match="has no eval/step_"):
+    quality_report.main()
+
+
+def test_checkerboard_energy_in_closed_form():
+  board = np.indices((4, 6)).sum(axis=0) % 2 * 2.0 - 1  # +-1, alternating.
+  x = np.repeat(board[None, :, :, None], 3, axis=3)
+  holes = np.ones((1, 4, 6, 1), bool)
+  assert colour_cast.checkerboard(x, holes) == 1.0  # |1 - (-1) - (-1) + 1| / 4
+  assert colour_cast.checkerboard(np.full_like(x, 0.3), holes) == 0.0
+  holes[0, 0, 0] = False  # The first 2x2 block no longer lies wholly in the holes.
+  x[0, :2, :2] = 5.0 * board[:2, :2, None]
+  assert colour_cast.checkerboard(x, holes) == 1.0
+
+
+def test_colour_cast_psnr_is_the_evaluations(finished_run):
+  rows = colour_cast.measure(str(finished_run))
+  assert [mode for mode, *_ in rows] == ["running averages", "batch statistics"]
+  results = json.loads((finished_run / "eval" / "step_6" / "results.json").read_text())
+  psnrs = [
+    r["psnr"] for r in results["rows"] if r["method"] == "pconv" and r["mask_set"] == "no_border"
+  ]
+  assert all(math.isfinite(p) for p in psnrs)  # Every bin has two pairs: means of equal weight.
+  np.testing.assert_allclose(rows[0][3], np.mean(psnrs), rtol=1e-4)
+  assert all(np.isfinite(bias).all() and ratio > 0 for _, bias, ratio, _ in rows)
