@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Images and masks (pconv_jax.input_pipeline, pconv_jax.masks).
   config.data = ml_collections.ConfigDict()
   config.data.source = (
-    "tfds"  # "tfds" | "folder" | "demo" (photos shipped in scikit-image's wheel).
+    "tfds"  # "tfds" | "folder" | "demo" (natural photos shipped inside installed packages).
   )
   config.data.tfds_name = (
     "places365_small"  # Prepared with file_format="array_record" (see README).

@@ -373,7 +373,6 @@ class Evaluator:
       set_name: {bin_label(i): self._pairs(by_bin, i) for i in range(len(masks.HOLE_RATIO_BINS))}
       for set_name, by_bin in self.mask_sets.items()
     }
-    self._mesh = mesh
     self._runner = _Runner(model, network, mesh, cfg.batch_size)
     self._real_features = None
     if self._runner.has_inception:

@@ -1,5 +1,6 @@
 """Tests for pconv_jax.input_pipeline: sources, determinism, resumption, sharding, bad input."""
 
+import importlib.util
 import io
 import pathlib
 
@@ -313,3 +314,17 @@ def test_bad_sources_raise_clear_errors(tmp_path, tfds_dir):
     input_pipeline.create_train_iter(
       _config(), global_batch_size=3, seed=0, process_index=0, process_count=2
     )
+
+
+def test_demo_photos_are_natural_colour_photos_and_a_missing_package_is_named(monkeypatch):
+  for train in (True, False):
+    for path in input_pipeline.demo_source(train=train).paths:
+      with Image.open(path) as photo:
+        assert photo.mode == "RGB" and min(photo.size) >= 256, path
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name: None if name == "sklearn" else find_spec(name)
+  )
+  with pytest.raises(DataError, match="needs scikit-learn, which ships its photo"):
+    input_pipeline.demo_source(train=True)
+  input_pipeline.demo_source(train=False)  # The held-out photos are scikit-image's.
