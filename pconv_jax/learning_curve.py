@@ -12,6 +12,7 @@ from those JSON lines into `<workdir>/eval/learning_curve.png`. Also from the sh
 import argparse
 from collections.abc import Mapping, Sequence
 import json
+import math
 import sys
 from typing import Any
 
@@ -100,6 +101,7 @@ def plot(
         value = lines[method][-1][1]
         ax.axhline(value, color=f"C{k + 1}", linestyle=styles[k % 3], label=names[method])
         shown.append(value)
+      shown = [v for v in shown if math.isfinite(v)]  # +inf PSNR: an exact reconstruction.
       if shown:
         low, high = min(shown), max(shown)
         pad = 0.08 * (high - low) or 0.01 * abs(high) or 0.01

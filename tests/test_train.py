@@ -4,6 +4,7 @@ non-finite steps, resume and bad configs."""
 import errno
 import json
 import logging
+import math
 import os
 from pathlib import Path
 import re
@@ -320,6 +321,15 @@ def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
   with pytest.raises(train.ConfigError, match=match):
     train.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_learning_curve_draws_an_exact_reconstruction():
+  metrics = {
+    step: {"eval/psnr/N/0.01-0.1/pconv": psnr, "eval/psnr/N/0.01-0.1/telea": math.inf}
+    for step, psnr in ((0, 10.0), (5, math.inf), (10, 30.0))
+  }
+  names = {"pconv": "PConv", "telea": "Telea"}
+  learning_curve.plot(metrics, "/dev/null", names, "an infinite PSNR")
 
 
 def test_the_quality_recipe_validates_and_unknown_variants_are_refused():
