@@ -1,9 +1,10 @@
 """The demo's coloured checkerboard, measured (docs/quality.md, "Diagnosis").
 
-    python -m docs.colour_cast WORKDIR [WORKDIR ...]
+    python -m docs.colour_cast [--training_photos] WORKDIR [WORKDIR ...]
 
 For the newest checkpoint of each training workdir, runs the network on every held-out evaluation
-pair of the no-border mask set (as `pconv_jax.evaluate` pairs them) and prints, inside the holes:
+pair of the no-border mask set (as `pconv_jax.evaluate` pairs them; with --training_photos, on
+centre crops of the demo's training photos instead) and prints, inside the holes:
 the mean signed error per channel in 8-bit grey levels (a colour cast), the 2x2 checkerboard
 energy of the output relative to the ground truth's (1 = as textured as the photo), and the
 composite's PSNR. Each checkpoint runs twice: with BatchNorm's running averages (how it is
@@ -11,6 +12,8 @@ evaluated and served) and with the batch's own statistics.
 """
 
 import argparse
+import os
+import tempfile
 
 import jax
 import ml_collections
@@ -33,11 +36,20 @@ def checkerboard(x: np.ndarray, holes: np.ndarray) -> float:
   return float(energy[inside].mean())
 
 
-def measure(workdir: str) -> list[tuple[str, np.ndarray, float, float]]:
+def measure(
+  workdir: str, training_photos: bool = False
+) -> list[tuple[str, np.ndarray, float, float]]:
   """(BatchNorm mode, colour bias RGB, checkerboard ratio, PSNR) of the newest checkpoint."""
   model, variables, meta = checkpoints.load_model(f"{workdir}/checkpoints")
   config = ml_collections.ConfigDict(meta["config"])
-  targets = input_pipeline.load_eval_images(config.data, config.eval.num_images)
+  if training_photos:
+    with tempfile.TemporaryDirectory() as folder:
+      for i, path in enumerate(input_pipeline.demo_source(train=True).paths):
+        os.symlink(path, f"{folder}/{i}_{os.path.basename(path)}")
+      config.data.update(source="folder", folder=folder, eval_folder=folder)
+      targets = input_pipeline.load_eval_images(config.data)
+  else:
+    targets = input_pipeline.load_eval_images(config.data, config.eval.num_images)
   by_bin = masks.load_eval_masks(config.data, config.eval.masks_per_bin, seed=config.eval.seed)
   pairs = [
     (targets[j % len(targets)], bin_masks[j % len(bin_masks)])
@@ -67,11 +79,12 @@ def measure(workdir: str) -> list[tuple[str, np.ndarray, float, float]]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("workdirs", nargs="+")
+  parser.add_argument("--training_photos", action="store_true", help="Centre crops of these.")
   args = parser.parse_args()
   print("| workdir | BatchNorm | bias R | bias G | bias B | checkerboard / truth | PSNR (dB) |")
   print("|---|---|---:|---:|---:|---:|---:|")
   for workdir in args.workdirs:
-    for mode, bias, ratio, psnr in measure(workdir):
+    for mode, bias, ratio, psnr in measure(workdir, args.training_photos):
       print(
         f"| {workdir} | {mode} | {bias[0]:+.1f} | {bias[1]:+.1f} | {bias[2]:+.1f} | "
         f"{ratio:.2f} | {psnr:.2f} |"
