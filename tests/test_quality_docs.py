@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tiny_config
 
-from docs import colour_cast, quality_report
+from docs import boundary_band, colour_cast, quality_report
 from pconv_jax import evaluate, train
 
 
@@ -85,3 +85,22 @@ def test_colour_cast_psnr_is_the_evaluations(finished_run):
   assert all(math.isfinite(p) for p in psnrs)  # Every bin has two pairs: means of equal weight.
   np.testing.assert_allclose(rows[0][3], np.mean(psnrs), rtol=1e-4)
   assert all(np.isfinite(bias).all() and ratio > 0 for _, bias, ratio, _ in rows)
+
+
+def test_boundary_band_is_the_ring_of_hole_pixels_next_to_known_ones():
+  mask = np.ones((1, 11, 11, 1), np.float32)
+  mask[0, 2:9, 2:9] = 0  # A 7x7 hole.
+  band = boundary_band.boundary_band(mask, 2)[0, ..., 0]
+  expected = np.zeros((11, 11), bool)
+  expected[2:9, 2:9] = True
+  expected[4:7, 4:7] = False  # The 3x3 interior is more than 2 pixels from a known pixel.
+  np.testing.assert_array_equal(band, expected)
+  mask[0, :, :5] = 0  # A hole touching the image border: the border is not a known pixel.
+  assert not boundary_band.boundary_band(mask, 1)[0, 5, 0, 0]
+
+
+def test_boundary_band_table_has_a_row_per_mask_set_and_bin(finished_run, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "argv", ["boundary_band", str(finished_run), "--bins", "2", "5"])
+  boundary_band.main()
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| no_border |")]
+  assert [row.split(" | ")[1] for row in rows] == ["(0.2, 0.3]", "(0.5, 0.6]"]
