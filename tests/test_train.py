@@ -65,7 +65,8 @@ def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
   metrics = read_metrics(tmp_path)
   assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(m["train_loss"]) for m in metrics.values())
-  assert metrics[3]["train_learning_rate"] == 2e-4 and metrics[4]["train_learning_rate"] == 5e-5
+  assert metrics[3]["train_learning_rate"] == pytest.approx(config.stages.initial_lr)
+  assert metrics[4]["train_learning_rate"] == pytest.approx(config.stages.finetune_lr)
   assert metrics[1]["train_perceptual"] == 0.0  # No VGG weights in the test cache: the term is off.
   _, _, meta = checkpoints.load_model(tmp_path / "checkpoints")
   assert meta["step"] == 6 and meta["stage"] == "finetune" and meta["vgg_losses"] is False
