@@ -9,7 +9,8 @@ and jit-able. PSNR and SSIM come from dm-pix (DeepMind's JAX image library):
     range 1, over the 'valid' window positions (no padding), averaged over pixels and channels. This
     equals scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=1, channel_axis=-1)`, which crops the same 5-pixel
-    border before averaging.
+    border before averaging. The Gaussian window is applied as two banded matrix products (dm-pix's
+    `filter_fn`), which is much faster with gradients on CPU, for the loss's SSIM term.
   * L1: mean absolute error over all pixels and channels, in percent of the data range.
 
 The paper reports them on the composite (the network's output in the holes, the known pixels of the
@@ -47,6 +48,25 @@ def psnr(predictions: Array, targets: Array) -> Array:
   return dm_pix.psnr(predictions, targets)
 
 
+def _gaussian_band(size: int) -> np.ndarray:
+  """The (size - 10, size) matrix that applies the 11-tap SSIM Gaussian at each 'valid' position."""
+  taps = np.exp(-0.5 * ((np.arange(SSIM_WINDOW) - SSIM_WINDOW // 2) / SSIM_SIGMA) ** 2)
+  band = np.zeros((size - SSIM_WINDOW + 1, size))
+  for row in range(band.shape[0]):
+    band[row, row : row + SSIM_WINDOW] = taps / taps.sum()
+  return band
+
+
+def _gaussian_blur(images: Array) -> Array:
+  """The SSIM window's 'valid' Gaussian blur of (B, H, W, C) images as two banded matrix products:
+  the same values as dm-pix's default filter, about 10x faster with gradients on CPU."""
+  highest = jax.lax.Precision.HIGHEST
+  rows = jnp.asarray(_gaussian_band(images.shape[-3]), images.dtype)
+  cols = jnp.asarray(_gaussian_band(images.shape[-2]), images.dtype)
+  images = jnp.einsum("ih,bhwc->biwc", rows, images, precision=highest)
+  return jnp.einsum("jw,biwc->bijc", cols, images, precision=highest)
+
+
 def ssim(predictions: Array, targets: Array) -> Array:
   """Per-image SSIM (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, data range 1): (B, H, W, C)
   -> (B,).
@@ -61,6 +81,7 @@ def ssim(predictions: Array, targets: Array) -> Array:
     filter_sigma=SSIM_SIGMA,
     k1=SSIM_K1,
     k2=SSIM_K2,
+    filter_fn=_gaussian_blur,
   )
 
 

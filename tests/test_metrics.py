@@ -1,5 +1,7 @@
-"""L1, PSNR and SSIM against scikit-image; FID and the Inception score against float64 oracles."""
+"""L1, PSNR and SSIM (and its gradient) against scikit-image and dm-pix; FID and the Inception
+score against float64 oracles."""
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +67,31 @@ def test_psnr_and_ssim_match_scikit_image(name, prediction, target):
   )
   assert abs(float(got["ssim"][0]) - skimage_ssim(prediction, target)) < 1e-4
   assert abs(float(got["l1_percent"][0]) - 100 * np.abs(prediction - target).mean()) < 1e-4
+
+
+def test_ssim_gradient_matches_dm_pix_in_float64():
+  # The loss trains on SSIM: its float32 gradient through the banded-matrix blur equals, to float32
+  # rounding, the float64 gradient through dm-pix's own Gaussian filter.
+  _, prediction, target = PAIRS[2]  # Noise on a photo.
+  got = jax.grad(lambda p: metrics.ssim(p, jnp.asarray(target[None], jnp.float32)).sum())(
+    jnp.asarray(prediction[None], jnp.float32)
+  )
+  with jax.enable_x64(True):
+    expected = jax.grad(
+      lambda p: dm_pix.ssim(
+        p,
+        jnp.asarray(target[None]),
+        max_val=1.0,
+        filter_size=11,
+        filter_sigma=1.5,
+        k1=0.01,
+        k2=0.03,
+      ).sum()
+    )(jnp.asarray(prediction[None]))
+    expected = np.asarray(expected)
+  scale = np.abs(expected).max()
+  assert scale > 0.0
+  np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=1e-3 * scale)
 
 
 def test_batched_metrics_are_per_image():
