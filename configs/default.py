@@ -90,6 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.style_out = 120.0
   config.loss.style_comp = 120.0
   config.loss.tv = 0.1
+  # 1 - SSIM of the composite: not in the paper (0 keeps its loss); the CPU quality recipe uses it.
+  config.loss.ssim = 0.0
   config.loss.vgg_weights = ml_collections.config_dict.placeholder(str)  # None: look in the cache.
   config.loss.require_vgg = (
     True  # False: without weights, train with perceptual/style off (demo only).

@@ -12,8 +12,10 @@ I_comp = M I_gt + (1 - M) I_out, and Psi_p the VGG-16 features pool1, pool2, poo
   style_comp  = sum_p mean |G_p(I_comp) - G_p(I_gt)|
   tv          = sum over neighbouring pixel pairs both inside P of |I_comp difference|, / B*H*W*C,
                 P = the hole region dilated by one pixel (3x3 square)
+  ssim        = 1 - mean over images of SSIM(I_comp, I_gt) on [0, 1], the evaluation's SSIM
+                (`metrics.ssim`); not in the paper
   total       = sum_t weights[t] * t
-                (paper: valid 1, hole 6, perceptual 0.05, style 120 + 120, tv 0.1)
+                (paper: valid 1, hole 6, perceptual 0.05, style 120 + 120, tv 0.1, ssim 0)
 
 Pixel terms are float32 (float64 for float64 outputs). VGG activations use the output's dtype
 (bfloat16 output -> bfloat16 VGG) with float32 accumulation in convolutions, Gram matrices and
@@ -28,11 +30,11 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from pconv_jax import images, vgg
+from pconv_jax import images, metrics, vgg
 from pconv_jax.kernels import XLA, Kernels
 
 Array = jax.Array
-TERMS = ("valid", "hole", "perceptual", "style_out", "style_comp", "tv")
+TERMS = ("valid", "hole", "perceptual", "style_out", "style_comp", "tv", "ssim")
 
 
 def valid_loss(output: Array, target: Array, mask: Array) -> Array:
@@ -89,6 +91,12 @@ def tv_loss(composite_image: Array, mask: Array) -> Array:
   )
   dy = jnp.abs(composite_image[:, 1:] - composite_image[:, :-1]) * region[:, 1:] * region[:, :-1]
   return (jnp.sum(dx) + jnp.sum(dy)) / composite_image.size
+
+
+def ssim_loss(composite_image: Array, target: Array) -> Array:
+  """1 - the mean SSIM of the composite against the ground truth, both mapped to [0, 1]."""
+  unit = metrics.to_unit_range
+  return 1.0 - jnp.mean(metrics.ssim(unit(composite_image), unit(target)))
 
 
 def feature_losses(
@@ -173,6 +181,7 @@ def inpainting_loss(
     "valid": valid_loss(output, target, mask),
     "hole": hole_loss(output, target, mask),
     "tv": tv_loss(comp, mask),
+    "ssim": ssim_loss(comp, target),
   }
   if vgg_variables is None:
     terms.update(

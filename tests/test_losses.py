@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from skimage.metrics import structural_similarity
 
 # Helpers and fixtures (network, weight_files) of the VGG tests.
 from test_vgg import FORMATS, _path, network, oracle_for_format, weight_files  # noqa: F401
@@ -22,6 +23,7 @@ PAPER_WEIGHTS = {
   "style_out": 120.0,
   "style_comp": 120.0,
   "tv": 0.1,
+  "ssim": 0.0,
 }
 
 
@@ -82,6 +84,23 @@ def oracle_tv(comp: np.ndarray, mask: np.ndarray) -> float:
   return total / comp.size
 
 
+def oracle_ssim_loss(comp: np.ndarray, target: np.ndarray) -> float:
+  """1 - mean SSIM on [0, 1] from scikit-image (Gaussian window, sigma 1.5, population moments)."""
+  scores = [
+    structural_similarity(
+      (c + 1) / 2,
+      (t + 1) / 2,
+      gaussian_weights=True,
+      sigma=1.5,
+      use_sample_covariance=False,
+      data_range=1.0,
+      channel_axis=-1,
+    )
+    for c, t in zip(comp, target, strict=True)
+  ]
+  return 1.0 - float(np.mean(scores))
+
+
 def oracle_gram(features: np.ndarray) -> np.ndarray:
   b, h, w, c = features.shape
   flat = features.reshape(b, h * w, c)
@@ -98,6 +117,7 @@ def oracle_terms(output, target, mask, features) -> dict[str, float]:
     "valid": np.mean(np.abs(m * (out - gt))),
     "hole": np.mean(np.abs((1 - m) * (out - gt))),
     "tv": oracle_tv(comp, mask),
+    "ssim": oracle_ssim_loss(comp, gt),
   }
   if features is None:
     return terms | {"perceptual": 0.0, "style_out": 0.0, "style_comp": 0.0}
@@ -178,7 +198,7 @@ def test_default_config_holds_the_papers_weights_and_works_as_weights(variables)
 def test_output_equal_to_target_leaves_only_the_targets_tv(variables):
   _, target, mask = random_batch(seed=4)
   total, terms = losses.inpainting_loss(target, target, mask, variables, PAPER_WEIGHTS)
-  for name in ("valid", "hole", "perceptual", "style_out", "style_comp"):
+  for name in ("valid", "hole", "perceptual", "style_out", "style_comp", "ssim"):
     assert float(terms[name]) == 0.0, name
   np.testing.assert_allclose(
     float(terms["tv"]), oracle_tv(target.astype(np.float64), mask), rtol=1e-5
@@ -204,6 +224,7 @@ def test_a_hole_only_change_moves_hole_not_valid(variables):
   assert float(after["tv"]) == float(before["tv"]) and float(after["style_comp"]) == float(
     before["style_comp"]
   )
+  assert float(after["ssim"]) == float(before["ssim"])
 
 
 def test_tv_ignores_pixels_outside_the_dilated_holes():
@@ -325,3 +346,17 @@ def test_bad_inputs_raise(variables):
       variables,
       {k: PAPER_WEIGHTS[k] for k in PAPER_WEIGHTS if k != "style_comp"},
     )
+
+
+def test_the_ssim_term_adds_its_weight_and_trains_only_the_holes():
+  output, target, mask = random_batch(seed=12)
+  weights = PAPER_WEIGHTS | {"ssim": 2.0}
+  total, terms = losses.inpainting_loss(output, target, mask, None, weights)
+  paper_total, _ = losses.inpainting_loss(output, target, mask, None, PAPER_WEIGHTS)
+  np.testing.assert_allclose(
+    float(total), float(paper_total) + 2.0 * float(terms["ssim"]), rtol=1e-6
+  )
+  only_ssim = dict.fromkeys(losses.TERMS, 0.0) | {"ssim": 1.0}
+  grad = jax.grad(lambda o: losses.inpainting_loss(o, target, mask, None, only_ssim)[0])(output)
+  holes = np.broadcast_to(mask == 0.0, grad.shape)
+  assert np.all(np.asarray(grad)[~holes] == 0.0) and np.any(np.asarray(grad)[holes] != 0.0)
