@@ -46,6 +46,7 @@ from pconv_jax import (
   inception,
   input_pipeline,
   kernels,
+  losses,
   masks,
   metrics,
   models,
@@ -437,7 +438,8 @@ class Evaluator:
 
 
 def training_note(meta: Mapping[str, Any]) -> str:
-  """What was trained, from a training checkpoint's own record: network, steps, batch, images."""
+  """What was trained, from a training checkpoint's own record: network, steps, batch, images and
+  the loss's weights."""
   config = meta["config"]
   model, data = config["model"], config["data"]
   kind = "PConv" if model["partial"] else "Conv (plain convolutions, the paper's baseline)"
@@ -449,10 +451,12 @@ def training_note(meta: Mapping[str, Any]) -> str:
   }[data["source"]]
   images = f"{meta['train_images']} images" if "train_images" in meta else "images"
   size = data["image_size"]
+  loss = config.get("loss", {})
+  weights = ", ".join(f"{term} {loss[term]:g}" for term in losses.TERMS if loss.get(term))
   return (
     f"The model: {kind} U-Net of depth {model['depth']}, widths {'-'.join(map(str, widths))}, "
     f"after {meta['step']} steps ({meta['stage']} stage) at batch {config['optim']['batch_size']} "
-    f"on {size}x{size} crops of {images} ({source})."
+    f"on {size}x{size} crops of {images} ({source}). Loss weights: {weights}."
   )
 
 

@@ -82,7 +82,8 @@ def test_two_stage_run_leaves_checkpoints_logs_samples_and_evaluation(tmp_path):
   # The notes say what this run trained, from its checkpoint.
   assert (
     "The model: PConv U-Net of depth 3, widths 8-16-16, after 6 steps (finetune stage) at batch 8 "
-    "on 32x32 crops of 7 images (the demo's natural photos)." in table
+    "on 32x32 crops of 7 images (the demo's natural photos). Loss weights: valid 1, hole 6, "
+    "perceptual 0.05, style_out 120, style_comp 120, tv 0.1." in table
   )
 
 
