@@ -20,7 +20,8 @@ I_comp = M I_gt + (1 - M) I_out, and Psi_p the VGG-16 features pool1, pool2, poo
 Pixel terms are float32 (float64 for float64 outputs). VGG activations use the output's dtype
 (bfloat16 output -> bfloat16 VGG) with float32 accumulation in convolutions, Gram matrices and
 means. With `vgg_variables=None` the perceptual and style terms are reported as 0.0 and add nothing
-to the total; the terms dict always has the same keys.
+to the total; so is the ssim term when its weight is 0 (the paper's loss does not pay for it). The
+terms dict always has the same keys.
 """
 
 from collections.abc import Sequence
@@ -181,7 +182,7 @@ def inpainting_loss(
     "valid": valid_loss(output, target, mask),
     "hole": hole_loss(output, target, mask),
     "tv": tv_loss(comp, mask),
-    "ssim": ssim_loss(comp, target),
+    "ssim": ssim_loss(comp, target) if _weight(weights, "ssim") else jnp.zeros((), output.dtype),
   }
   if vgg_variables is None:
     terms.update(
