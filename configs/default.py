@@ -113,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.stages.initial_lr = 2e-4
   config.stages.finetune_steps = 500_000
   config.stages.finetune_lr = 5e-5
+  # "constant" (the paper) or "cosine": finetune_lr decays to 0 over the finetune stage.
+  config.stages.finetune_schedule = "constant"
   # A checkpoint directory of a finished initial stage: a new run then starts directly in
   # "finetune".
   config.stages.finetune_from = ml_collections.config_dict.placeholder(str)

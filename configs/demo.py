@@ -8,9 +8,10 @@ evaluation table in the workdir. Without cached VGG-16 weights
 says so. A few CPU minutes show learning, not quality.
 
 Variants (`--config configs/demo.py:VARIANT`):
-  quality: the CPU quality recipe of docs/quality.md: the demo trained for 18000 steps (under 2
-           hours on one CPU core) with an SSIM term and a stronger TV term in the loss, and a
-           held-out learning curve. Add --config.model.partial=False for the paper's Conv ablation.
+  quality: the CPU quality recipe of docs/quality.md: the demo trained for 28000 steps (under 2
+           hours on 2 CPU cores) with an SSIM term and a stronger TV term in the loss, the finetune
+           learning rate decaying to 0, and a held-out learning curve. Add
+           --config.model.partial=False for the paper's Conv ablation.
 """
 
 import ml_collections
@@ -44,8 +45,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     "baselines on these photos."
   )
   if variant == "quality":
-    config.stages.initial_steps = 12_000
-    config.stages.finetune_steps = 6_000
+    config.stages.initial_steps = 15_000
+    config.stages.finetune_steps = 13_000
+    # The held-out SSIM moves by up to 0.005 between evaluations at a constant rate.
+    config.stages.finetune_schedule = "cosine"
     # Without VGG-16 weights the loss has no term for structure; 1 - SSIM of the composite stands in
     # (not in the paper), and TV at 10x the paper's weight smooths the fill along the hole boundary.
     config.loss.ssim = 5.0

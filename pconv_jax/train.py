@@ -60,11 +60,25 @@ def is_encoder_bn(path: tuple[str, ...]) -> bool:
   return path[0] == "encoder" and "bn" in path
 
 
+def learning_rate(stage: str, stages: ml_collections.ConfigDict) -> optax.Schedule:
+  """The stage's learning rate against the optimizer's count, which restarts with each stage:
+  constant, or in "finetune" with `stages.finetune_schedule="cosine"` a cosine decay to 0."""
+  if stage == FINETUNE and stages.finetune_schedule == "cosine":
+    return optax.cosine_decay_schedule(stages.finetune_lr, max(stages.finetune_steps, 1))
+  return optax.constant_schedule(stages.initial_lr if stage == INITIAL else stages.finetune_lr)
+
+
+def learning_rate_at(step: int, stages: ml_collections.ConfigDict) -> float:
+  """The learning rate of the update at global `step`."""
+  stage = stage_at(step, stages)
+  count = step if stage == INITIAL else step - stages.initial_steps
+  return float(learning_rate(stage, stages)(count))
+
+
 def create_optimizer(stage: str, config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam at the stage's learning rate; in "finetune" the encoder's
+  """Adam with the stage's learning rate; in "finetune" the encoder's
   BatchNorm scale/bias get zero updates."""
-  lr = config.stages.initial_lr if stage == INITIAL else config.stages.finetune_lr
-  adam = optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+  adam = optax.adam(learning_rate(stage, config.stages), b1=config.optim.b1, b2=config.optim.b2)
   if stage == INITIAL:
     return adam
 
@@ -187,6 +201,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.stages.initial_steps and finetune_steps must be >= 0 and not both 0.")
   if min(config.stages.initial_lr, config.stages.finetune_lr) <= 0:
     raise ConfigError("config.stages.initial_lr and finetune_lr must be positive.")
+  if config.stages.finetune_schedule not in ("constant", "cosine"):
+    raise ConfigError(
+      "config.stages.finetune_schedule must be 'constant' or 'cosine', got "
+      f"{config.stages.finetune_schedule!r}."
+    )
   if config.train.nonfinite not in ("stop", "skip"):
     raise ConfigError(
       f"config.train.nonfinite must be 'stop' or 'skip', got {config.train.nonfinite!r}."
@@ -408,9 +427,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
         )
         state_stage = stage
         logging.info(
-          "Step %d: entering the finetune stage (encoder BatchNorm frozen, lr %g).",
+          "Step %d: entering the finetune stage (encoder BatchNorm frozen, lr %g, %s).",
           step,
           stages.finetune_lr,
+          stages.finetune_schedule,
         )
       batch = parallel.global_batch(next(data_iter), mesh)
       if compiled_stage != stage:
@@ -564,9 +584,7 @@ def _log_metrics(
   scalars |= {
     "train_step_seconds": seconds / steps,
     "train_images_per_second": steps * config.optim.batch_size / seconds,
-    "train_learning_rate": config.stages.initial_lr
-    if stage == INITIAL
-    else config.stages.finetune_lr,
+    "train_learning_rate": learning_rate_at(step - 1, config.stages),
   }
   writer.write_scalars(step, scalars)
   eta = (total_steps - step) * seconds / steps

@@ -275,6 +275,32 @@ def test_finetune_step_freezes_encoder_batchnorm_only():
   assert any(train.is_encoder_bn(path) for path in flat_before)
 
 
+def test_cosine_finetune_schedule_decays_adam_steps_to_zero():
+  config = tiny_config.get_config()
+  config.stages.update(initial_steps=2, finetune_steps=4, finetune_schedule="cosine")
+  lr = config.stages.finetune_lr
+  # Closed form: lr/2 (1 + cos(pi t / T)) over the stage's T updates, after the constant initial lr.
+  expected = [config.stages.initial_lr] * 2 + [
+    lr / 2 * (1 + math.cos(math.pi * t / 4)) for t in range(4)
+  ]
+  got = [train.learning_rate_at(step, config.stages) for step in range(6)]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+  # With a constant gradient Adam's step is -lr (up to eps): the updates follow the schedule,
+  # and the encoder's BatchNorm stays frozen.
+  params = {"encoder": {"bn": {"scale": jnp.ones(3)}}, "decoder": {"conv": {"kernel": jnp.ones(3)}}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  tx = train.create_optimizer("finetune", config)
+  opt_state = tx.init(params)
+  for want in expected[2:]:
+    updates, opt_state = tx.update(grads, opt_state, params)
+    np.testing.assert_allclose(updates["decoder"]["conv"]["kernel"], -want, rtol=1e-5)
+    np.testing.assert_array_equal(updates["encoder"]["bn"]["scale"], 0.0)
+
+  config.stages.finetune_schedule = "constant"
+  assert train.learning_rate_at(5, config.stages) == pytest.approx(lr)
+
+
 def test_bfloat16_activations_train_with_float32_parameters():
   config = tiny_config.get_config()
   config.model.dtype = "bfloat16"
@@ -315,6 +341,7 @@ def test_nonfinite_update_is_not_applied_and_policy_is_applied():
     (("model", "output_activation", "relu"), "config.model.output_activation must be one of"),
     (("model", "input_mean", (0.5, 0.5, 0.5)), "config.model.input_mean and input_std are set"),
     (("eval", "every_steps", 0), "config.eval.every_steps must be positive"),
+    (("stages", "finetune_schedule", "linear"), "'constant' or 'cosine', got 'linear'"),
   ],
 )
 def test_invalid_configs_fail_before_compiling(tmp_path, override, match):
