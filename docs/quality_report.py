@@ -1,12 +1,12 @@
-"""The tables and pictures of docs/quality.md from the two runs of the CPU quality recipe.
+"""The tables and pictures of docs/quality.md from the runs of the CPU quality recipe.
 
-    python -m docs.quality_report --pconv WORKDIR --conv WORKDIR [--out docs/quality]
+    python -m docs.quality_report --pconv WORKDIR [--conv WORKDIR] [--out docs/quality]
 
 Reads each run's final evaluation (`eval/step_<N>/results.json`), prints and writes
-`<out>/results.md`: the paper's table with the Conv ablation's rows beside PConv's and the
-baselines', and whether PConv beats Telea and Navier-Stokes in PSNR and SSIM in every bin of
-TARGET_BINS of both mask sets. Copies beside it each run's learning curve, final sample grids and
-`train.log` (the run's console output).
+`<out>/results.md`: the paper's table with PConv's rows, the Conv ablation's beside them when
+`--conv` is given, and the baselines', and whether PConv beats Telea and Navier-Stokes in PSNR and
+SSIM in every bin of TARGET_BINS of both mask sets. Copies beside it each run's learning curve,
+final sample grids and `train.log` (the run's console output).
 """
 
 import argparse
@@ -68,12 +68,15 @@ def target_check(results: dict[str, Any]) -> list[str]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pconv", required=True, type=pathlib.Path)
-  parser.add_argument("--conv", required=True, type=pathlib.Path)
+  parser.add_argument("--conv", type=pathlib.Path, help="the model.partial=False run, if any")
   parser.add_argument("--out", default="docs/quality", type=pathlib.Path)
   args = parser.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
-  (pconv_dir, pconv), (conv_dir, conv) = final_results(args.pconv), final_results(args.conv)
-  results = merged(pconv, conv)
+  runs = {"pconv": args.pconv} | ({"conv": args.conv} if args.conv else {})
+  finals = {name: final_results(workdir) for name, workdir in runs.items()}
+  results = finals["pconv"][1]
+  if "conv" in finals:
+    results = merged(results, finals["conv"][1])
   text = "\n".join(
     [
       evaluate.markdown_table(results),
@@ -85,7 +88,8 @@ def main() -> None:
   )
   (args.out / "results.md").write_text(text)
   print(text)
-  for name, workdir, eval_dir in (("pconv", args.pconv, pconv_dir), ("conv", args.conv, conv_dir)):
+  for name, workdir in runs.items():
+    eval_dir = finals[name][0]
     shutil.copy(workdir / "eval" / "learning_curve.png", args.out / f"learning_curve_{name}.png")
     for grid in sorted(eval_dir.glob("samples_*.png")):
       shutil.copy(grid, args.out / f"{grid.stem}_{name}.png")

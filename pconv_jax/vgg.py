@@ -372,8 +372,8 @@ def resolve_weights(path: str | os.PathLike | None, *, required: bool) -> Variab
     )
   banner = "!" * 100
   logging.warning(
-    "\n%s\nNO VGG-16 WEIGHTS in %s: training WITHOUT the perceptual and style losses (only valid, "
-    "hole and TV).\n"
+    "\n%s\nNO VGG-16 WEIGHTS in %s: training WITHOUT the perceptual and style losses (valid, hole, "
+    "TV and any optional terms remain).\n"
     "This is not the paper's loss. For it, run `%s` and restart.\n%s",
     banner,
     weights.cache_dir(),

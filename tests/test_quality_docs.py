@@ -58,6 +58,22 @@ def test_report_puts_conv_beside_pconv_and_checks_the_target_bins(
   }
 
 
+def test_report_without_conv_has_pconv_rows_only(finished_run, tmp_path, monkeypatch):
+  argv = ["quality_report", "--pconv", str(finished_run), "--out", str(tmp_path)]
+  monkeypatch.setattr(sys, "argv", argv)
+  quality_report.main()
+  text = (tmp_path / "results.md").read_text()
+  assert "| PSNR (dB) | PConv" in text and "Conv (ablation)" not in text
+  assert "| border | (0.5, 0.6] |" in text
+  assert {p.name for p in tmp_path.iterdir()} == {
+    "results.md",
+    "learning_curve_pconv.png",
+    "samples_no_border_pconv.png",
+    "samples_border_pconv.png",
+    "train_pconv.log",
+  }
+
+
 def test_report_refuses_an_unfinished_run(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["quality_report", "--pconv", str(tmp_path), "--conv", "x"])
   with pytest.raises(SystemExit, match="has no eval/step_"):
