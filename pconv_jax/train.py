@@ -60,19 +60,20 @@ def is_encoder_bn(path: tuple[str, ...]) -> bool:
   return path[0] == "encoder" and "bn" in path
 
 
-def learning_rate(stage: str, stages: ml_collections.ConfigDict) -> optax.Schedule:
-  """The stage's learning rate against the optimizer's count, which restarts with each stage:
-  constant, or in "finetune" with `stages.finetune_schedule="cosine"` a cosine decay to 0."""
+def learning_rate(stage: str, stages: ml_collections.ConfigDict) -> optax.ScalarOrSchedule:
+  """The stage's learning rate: a constant (whose optimizer state is that of checkpoints written
+  before schedules existed), or in "finetune" with `stages.finetune_schedule="cosine"` a cosine
+  decay to 0 against the optimizer's count, which restarts with the stage."""
   if stage == FINETUNE and stages.finetune_schedule == "cosine":
     return optax.cosine_decay_schedule(stages.finetune_lr, max(stages.finetune_steps, 1))
-  return optax.constant_schedule(stages.initial_lr if stage == INITIAL else stages.finetune_lr)
+  return stages.initial_lr if stage == INITIAL else stages.finetune_lr
 
 
 def learning_rate_at(step: int, stages: ml_collections.ConfigDict) -> float:
   """The learning rate of the update at global `step`."""
   stage = stage_at(step, stages)
-  count = step if stage == INITIAL else step - stages.initial_steps
-  return float(learning_rate(stage, stages)(count))
+  rate = learning_rate(stage, stages)
+  return float(rate(step - stages.initial_steps)) if callable(rate) else float(rate)
 
 
 def create_optimizer(stage: str, config: ml_collections.ConfigDict) -> optax.GradientTransformation:

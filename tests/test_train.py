@@ -299,6 +299,10 @@ def test_cosine_finetune_schedule_decays_adam_steps_to_zero():
 
   config.stages.finetune_schedule = "constant"
   assert train.learning_rate_at(5, config.stages) == pytest.approx(lr)
+  # A constant rate keeps Adam's state as it was before schedules: older checkpoints resume.
+  for stage in ("initial", "finetune"):
+    state = train.create_optimizer(stage, config).init(params)
+    assert "ScaleByScheduleState" not in repr(jax.tree.structure(state))
 
 
 def test_bfloat16_activations_train_with_float32_parameters():
