@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   # CelebA-HQ faces.
   config.data.resize_shorter_side = ml_collections.config_dict.placeholder(int)
   config.data.random_flip = True
+  # Further augmentation, off for the paper: random multiples of 90 degrees, and crops of up to
+  # max_zoom_out x image_size resized down to image_size.
+  config.data.random_rotate90 = False
+  config.data.max_zoom_out = 1.0
   config.data.worker_count = 0  # grain worker processes per host; 0 decodes in the main process.
   config.data.worker_buffer_size = 2  # Batches each worker (or the main process) prepares ahead.
   config.data.read_threads = (

@@ -253,17 +253,38 @@ def decode_image(
 
 
 def random_crop(
-  image: Image.Image, rng: np.random.Generator, size: int, *, flip: bool
+  image: Image.Image,
+  rng: np.random.Generator,
+  size: int,
+  *,
+  flip: bool,
+  rotate90: bool = False,
+  max_zoom_out: float = 1.0,
 ) -> np.ndarray:
-  """A random size x size crop, mirrored with probability 1/2
-  if `flip`, as uint8 (size, size, 3)."""
-  left = int(rng.integers(0, image.width - size + 1))
-  top = int(rng.integers(0, image.height - size + 1))
+  """A random size x size crop as uint8 (size, size, 3).
+
+  With `max_zoom_out` > 1 the crop is a square of side size * z (at most the shorter side), z
+  log-uniform in [1, max_zoom_out], resized down to size (bicubic, antialiased). Mirrored with
+  probability 1/2 if `flip`; turned by a uniformly random multiple of 90 degrees if `rotate90` (with
+  `flip`: all 8 symmetries of the square). Without zoom and rotation, the draws are those of a
+  plain crop.
+  """
+  side = size
+  if max_zoom_out > 1:
+    side = min(round(size * max_zoom_out ** rng.random()), image.width, image.height)
+  left = int(rng.integers(0, image.width - side + 1))
+  top = int(rng.integers(0, image.height - side + 1))
   mirror = rng.random() < 0.5
-  crop = image.crop((left, top, left + size, top + size))
+  box = (left, top, left + side, top + side)
+  crop = (
+    image.crop(box) if side == size else image.resize((size, size), Image.Resampling.BICUBIC, box)
+  )
   if flip and mirror:
     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  return np.asarray(crop)
+  array = np.asarray(crop)
+  if rotate90:
+    array = np.ascontiguousarray(np.rot90(array, int(rng.integers(4))))
+  return array
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -306,6 +327,8 @@ class _ExampleLoader:
   image_size: int
   resize_shorter_side: int | None
   random_flip: bool
+  random_rotate90: bool
+  max_zoom_out: float
 
   def __call__(self, element: tuple[int, int]) -> dict[str, np.ndarray]:
     position, record = element
@@ -316,7 +339,14 @@ class _ExampleLoader:
       self.source, record, image_size=self.image_size, resize_shorter_side=self.resize_shorter_side
     )
     return {
-      "image": random_crop(image, image_rng, self.image_size, flip=self.random_flip),
+      "image": random_crop(
+        image,
+        image_rng,
+        self.image_size,
+        flip=self.random_flip,
+        rotate90=self.random_rotate90,
+        max_zoom_out=self.max_zoom_out,
+      ),
       "mask": self.mask_sampler(mask_rng, self.image_size),
       "num_skipped": np.int32(skipped),
     }
@@ -470,6 +500,11 @@ def _validate(config: ml_collections.ConfigDict) -> None:
       f"config.data.resize_shorter_side ({config.resize_shorter_side}) must be at least "
       f"image_size ({config.image_size})."
     )
+  if not config.max_zoom_out >= 1:
+    raise ConfigError(
+      f"config.data.max_zoom_out must be at least 1 (1 = crops at the photo's scale), got "
+      f"{config.max_zoom_out}."
+    )
 
 
 def create_train_iter(
@@ -515,6 +550,8 @@ def create_train_iter(
     config.image_size,
     config.resize_shorter_side,
     config.random_flip,
+    config.random_rotate90,
+    config.max_zoom_out,
   )
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   batches = (

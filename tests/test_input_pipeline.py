@@ -265,6 +265,41 @@ def test_resize_shorter_side_scales_whole_jpegs(tmp_path):
     input_pipeline.load_eval_images(_config(resize_shorter_side=SIZE - 1))
 
 
+def test_rotations_and_flips_give_the_eight_symmetries_of_the_square():
+  pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+  symmetries = [np.rot90(p, k) for p in (pixels, pixels[:, ::-1]) for k in range(4)]
+  found = set()
+  for seed in range(64):
+    crop = input_pipeline.random_crop(
+      Image.fromarray(pixels), np.random.default_rng(seed), SIZE, flip=True, rotate90=True
+    )
+    found.add([np.array_equal(crop, s) for s in symmetries].index(True))
+  assert found == set(range(8))
+
+
+@pytest.mark.parametrize(("height", "max_zoom_out", "largest"), [(200, 2.0, 2.0), (40, 4.0, 1.25)])
+def test_zoomed_out_crops_shrink_by_up_to_max_zoom_out(height, max_zoom_out, largest):
+  """A horizontal ramp of slope 1 keeps its slope through a plain crop, and has slope z after a
+  crop of side z * SIZE resized to SIZE; z is capped by the shorter side (40 / SIZE = 1.25)."""
+  ramp = Image.fromarray(
+    np.broadcast_to(np.arange(250, dtype=np.uint8)[None, :, None], (height, 250, 3))
+  )
+  slopes = []
+  for seed in range(100):
+    rng = np.random.default_rng(seed)
+    crop = input_pipeline.random_crop(ramp, rng, SIZE, flip=False, max_zoom_out=max_zoom_out)
+    assert crop.shape == (SIZE, SIZE, 3) and crop.dtype == np.uint8
+    interior = crop[SIZE // 2, 4:-4, 0].astype(float)
+    slopes.append((interior[-1] - interior[0]) / (len(interior) - 1))
+  assert 0.99 < min(slopes) < 1.1 and largest - 0.1 < max(slopes) < largest + 0.03
+  plain = input_pipeline.random_crop(ramp, np.random.default_rng(0), SIZE, flip=False)
+  assert np.all(np.diff(plain[0, :, 0].astype(int)) == 1)
+  with pytest.raises(ValueError, match="max_zoom_out must be at least 1"):
+    input_pipeline.create_train_iter(
+      _config(max_zoom_out=0.5), global_batch_size=1, seed=0, process_index=0, process_count=1
+    )
+
+
 def test_corrupt_images_are_skipped_and_counted(colour_folder):
   (colour_folder / "garbage.jpg").write_bytes(b"this is not an image")
   truncated = _png(np.full((40, 40, 3), 9, np.uint8))
