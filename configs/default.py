@@ -161,6 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
   )
   # None: look in the cache.
   config.eval.inception_weights = ml_collections.config_dict.placeholder(str)
+  # The model's output averaged over the 8 flips and 90-degree turns (pconv_jax.self_ensemble).
+  config.eval.self_ensemble = False
   config.eval.note = ml_collections.config_dict.placeholder(str)  # A line for the results' notes.
 
   return config

@@ -1,17 +1,21 @@
 """The tables and pictures of docs/quality.md from the runs of the CPU quality recipe.
 
-    python -m docs.quality_report --pconv WORKDIR [--conv WORKDIR] [--out docs/quality]
+    python -m docs.quality_report --pconv WORKDIR [--conv WORKDIR] [--self_ensemble]
+        [--out docs/quality]
 
-Reads each run's final evaluation (`eval/step_<N>/results.json`), prints and writes
-`<out>/results.md`: the paper's table with PConv's rows, the Conv ablation's beside them when
-`--conv` is given, and the baselines', and whether PConv beats Telea and Navier-Stokes in PSNR and
-SSIM in every bin of TARGET_BINS of both mask sets. Copies beside it each run's learning curve,
+Reads each run's final evaluation (`eval/step_<N>/results.json`; with `--self_ensemble`, the one
+of `python -m pconv_jax.evaluate ... --config.eval.self_ensemble=True`, in
+`eval/step_<N>_self_ensemble/`), prints and writes `<out>/results.md`: the paper's table with
+PConv's rows, the Conv ablation's beside them when `--conv` is given, and the baselines', and
+whether PConv beats Telea and Navier-Stokes in PSNR and SSIM in every bin of TARGET_BINS of both
+mask sets (with `--self_ensemble`, also without it). Copies beside it each run's learning curve,
 final sample grids and `train.log` (the run's console output).
 """
 
 import argparse
 import json
 import pathlib
+import re
 import shutil
 from typing import Any
 
@@ -22,12 +26,21 @@ BASELINES = ("telea", "navier_stokes")
 CONV = "conv"
 
 
-def final_results(workdir: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]]:
-  """The newest `eval/step_<N>` directory of a workdir and its results."""
-  steps = sorted(workdir.glob("eval/step_*/results.json"), key=lambda p: int(p.parent.name[5:]))
+def final_results(
+  workdir: pathlib.Path, self_ensemble: bool = False
+) -> tuple[pathlib.Path, dict[str, Any]]:
+  """The newest evaluation directory of a workdir (plain or self-ensemble) and its results."""
+  pattern = re.compile(r"step_(\d+)" + ("_self_ensemble" if self_ensemble else "") + "$")
+  steps = sorted(
+    (int(match[1]), path)
+    for path in workdir.glob("eval/step_*/results.json")
+    if (match := pattern.match(path.parent.name))
+  )
   if not steps:
-    raise SystemExit(f"error: {workdir} has no eval/step_*/results.json: is the run finished?")
-  return steps[-1].parent, json.loads(steps[-1].read_text())
+    name = evaluate.eval_dir_name(0, self_ensemble).replace("0", "<N>")
+    raise SystemExit(f"error: {workdir} has no eval/{name}/results.json: is the run finished?")
+  path = steps[-1][1]
+  return path.parent, json.loads(path.read_text())
 
 
 def merged(pconv: dict[str, Any], conv: dict[str, Any]) -> dict[str, Any]:
@@ -69,23 +82,32 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pconv", required=True, type=pathlib.Path)
   parser.add_argument("--conv", type=pathlib.Path, help="the model.partial=False run, if any")
+  parser.add_argument(
+    "--self_ensemble", action="store_true", help="report the x8 self-ensemble's evaluation"
+  )
   parser.add_argument("--out", default="docs/quality", type=pathlib.Path)
   args = parser.parse_args()
   args.out.mkdir(parents=True, exist_ok=True)
   runs = {"pconv": args.pconv} | ({"conv": args.conv} if args.conv else {})
-  finals = {name: final_results(workdir) for name, workdir in runs.items()}
+  finals = {name: final_results(workdir, args.self_ensemble) for name, workdir in runs.items()}
   results = finals["pconv"][1]
   if "conv" in finals:
     results = merged(results, finals["conv"][1])
-  text = "\n".join(
-    [
-      evaluate.markdown_table(results),
-      "The margin of PConv over the better of Telea and Navier-Stokes in the target bins:",
+  lines = [
+    evaluate.markdown_table(results),
+    "The margin of PConv over the better of Telea and Navier-Stokes in the target bins:",
+    "",
+    *target_check(results),
+    "",
+  ]
+  if args.self_ensemble:
+    lines += [
+      "Without the self-ensemble (one network pass):",
       "",
-      *target_check(results),
+      *target_check(final_results(args.pconv)[1]),
       "",
     ]
-  )
+  text = "\n".join(lines)
   (args.out / "results.md").write_text(text)
   print(text)
   for name, workdir in runs.items():

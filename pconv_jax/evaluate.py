@@ -17,8 +17,12 @@ Metrics (`pconv_jax.metrics`) are on the composite (output in the holes, known p
 composites (one split) and their FID against the N ground-truth images; without them those two
 columns say n/a and the notes say why.
 
-Writes `<workdir>/eval/step_<N>/results.{csv,md,json}` and `samples_<mask set>.png` (one row per
-bin: masked input, model, baselines, ground truth), prints the Markdown table and returns the
+With `config.eval.self_ensemble` the model's output is the mean over the 8 flips and 90-degree
+turns of its input (`pconv_jax.self_ensemble`).
+
+Writes `<workdir>/eval/step_<N>/results.{csv,md,json}` (`step_<N>_self_ensemble` with the
+self-ensemble) and `samples_<mask set>.png` (one row per bin: masked input, model, baselines,
+ground truth), prints the Markdown table and returns the
 results as a dict. Deterministic; the model and Inception run sharded over all devices like
 training.
 """
@@ -52,6 +56,7 @@ from pconv_jax import (
   models,
   parallel,
 )
+from pconv_jax import self_ensemble as self_ensemble_lib
 from pconv_jax.errors import ConfigError, UserError, parse_flags
 
 MODEL_METHOD = "pconv"
@@ -109,13 +114,22 @@ class _Runner:
     network: inception.Inception | None,
     mesh: jax.sharding.Mesh,
     batch_size: int,
+    self_ensemble: bool = False,
   ):
     devices = mesh.devices.size
     self.batch_size = -(-batch_size // devices) * devices
     self._sharded, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
     def predict(variables, targets, masks_):
-      return images.composite(model.apply(variables, targets, masks_, train=False), targets, masks_)
+      def network(x, m):
+        return model.apply(variables, x, m, train=False)
+
+      output = (
+        self_ensemble_lib.mean_over_symmetries(network, targets, masks_)
+        if self_ensemble
+        else network(targets, masks_)
+      )
+      return images.composite(output, targets, masks_)
 
     def score(predictions, targets):
       return metrics.image_metrics(
@@ -224,9 +238,13 @@ def bin_label(index: int) -> str:
   return f"({low:g}, {high:g}]"
 
 
-def method_names(partial: bool, methods: Sequence[str]) -> dict[str, str]:
+def method_names(
+  partial: bool, methods: Sequence[str], self_ensemble: bool = False
+) -> dict[str, str]:
   """Display names: the model as the paper names it (PConv, or Conv for plain convolutions)."""
-  model = "PConv (this model)" if partial else "Conv (this model)"
+  model = (
+    f"{'PConv' if partial else 'Conv'} (this model{', x8 self-ensemble' if self_ensemble else ''})"
+  )
   return {m: model if m == MODEL_METHOD else baselines.DISPLAY_NAMES[m] for m in methods}
 
 
@@ -330,6 +348,11 @@ def _notes(
     "Sample grids samples_<mask set>.png: one row per bin, smallest holes first; columns: "
     f"{columns}."
   )
+  if config.eval.self_ensemble:
+    notes.append(
+      "The model's output is the mean of its outputs over the 8 flips and 90-degree turns of the "
+      "input, each undone (geometric self-ensemble, config.eval.self_ensemble): 8 network passes."
+    )
   if "config" in meta:
     notes.append(training_note(meta))
   if config.eval.note:
@@ -374,7 +397,7 @@ class Evaluator:
       set_name: {bin_label(i): self._pairs(by_bin, i) for i in range(len(masks.HOLE_RATIO_BINS))}
       for set_name, by_bin in self.mask_sets.items()
     }
-    self._runner = _Runner(model, network, mesh, cfg.batch_size)
+    self._runner = _Runner(model, network, mesh, cfg.batch_size, cfg.self_ensemble)
     self._real_features = None
     if self._runner.has_inception:
       self._real_features = np.concatenate(
@@ -437,6 +460,11 @@ class Evaluator:
     return rows, grids
 
 
+def eval_dir_name(step: int, self_ensemble: bool) -> str:
+  """The folder under `<workdir>/eval` of a checkpoint step's evaluation."""
+  return f"step_{step}_self_ensemble" if self_ensemble else f"step_{step}"
+
+
 def training_note(meta: Mapping[str, Any]) -> str:
   """What was trained, from a training checkpoint's own record: network, steps, batch, images and
   the loss's weights."""
@@ -494,7 +522,7 @@ def evaluate(
     evaluator.pairs,
   )
   rows, grids = evaluator.evaluate(parallel.replicate(variables, mesh))
-  names = method_names(model.partial, evaluator.methods)
+  names = method_names(model.partial, evaluator.methods, cfg.self_ensemble)
   results = {
     "checkpoint": str(directory),
     "step": step,
@@ -509,7 +537,7 @@ def evaluate(
   }
   table = markdown_table(results)
   if jax.process_index() == 0:
-    out = epath.Path(workdir) / "eval" / f"step_{step}"
+    out = epath.Path(workdir) / "eval" / eval_dir_name(step, cfg.self_ensemble)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
     (out / "results.csv").write_text(_csv(results))

@@ -142,7 +142,9 @@ def draw(workdir: str | epath.Path, output: str | epath.Path | None = None) -> e
   )
   output = epath.Path(output) if output else workdir / "eval" / "learning_curve.png"
   output.parent.mkdir(parents=True, exist_ok=True)
-  names = evaluate.method_names(config["model"]["partial"], methods)
+  names = evaluate.method_names(
+    config["model"]["partial"], methods, config["eval"].get("self_ensemble", False)
+  )
   plot(read_metrics(workdir / "logs"), output, names, title)
   return output
 

@@ -102,6 +102,32 @@ def test_float_images_and_batches_of_mixed_sizes(inpainter):
     np.testing.assert_allclose(float_result[hole], result[hole] / 255.0, atol=0.5 / 255 + 1e-6)
 
 
+def test_self_ensemble_is_the_mean_over_flipped_and_turned_inputs(checkpoint, inpainter):
+  ensemble = inpaint.Inpainter.from_checkpoint(checkpoint, batch_size=2, self_ensemble=True)
+  image = photo(40, 56).astype(np.float64) / 255.0  # No padding; turned, it is 56x40.
+  hole = hole_for(40, 56)
+
+  def turn(a, k, mirror):
+    return np.rot90(a[:, ::-1] if mirror else a, k)
+
+  def undo(a, k, mirror):
+    a = np.rot90(a, -k)
+    return a[:, ::-1] if mirror else a
+
+  expected = np.mean(
+    [
+      undo(inpainter(turn(image, k, m), turn(hole, k, m)), k, m)
+      for m in (False, True)
+      for k in range(4)
+    ],
+    axis=0,
+  )
+  result = ensemble(image, hole)
+  np.testing.assert_array_equal(result[~hole], image[~hole])
+  np.testing.assert_allclose(result, expected, atol=1e-6)
+  assert np.abs(result - inpainter(image, hole)).max() > 1e-3
+
+
 @pytest.mark.parametrize(
   "hole,match",
   [

@@ -74,6 +74,29 @@ def test_report_without_conv_has_pconv_rows_only(finished_run, tmp_path, monkeyp
   }
 
 
+def test_report_of_the_self_ensemble_adds_the_plain_margins(finished_run, tmp_path, monkeypatch):
+  config = tiny_config.get_config()
+  config.eval.update(num_images=None, masks_per_bin=1, self_ensemble=True)
+  ensemble = evaluate.evaluate(config, finished_run)
+  plain = json.loads((finished_run / "eval" / "step_6" / "results.json").read_text())
+  assert (finished_run / "eval" / "step_6_self_ensemble" / "results.json").is_file()
+  assert ensemble["method_names"]["pconv"] == "PConv (this model, x8 self-ensemble)"
+  by_method = {}
+  for results in (plain, ensemble):
+    for row in results["rows"]:
+      by_method.setdefault(row["method"], []).append(row["psnr"])
+  assert by_method["telea"][:12] == by_method["telea"][12:]  # The same pairs ...
+  assert by_method["pconv"][:12] != by_method["pconv"][12:]  # ... another model output.
+  argv = ["quality_report", "--pconv", str(finished_run), "--self_ensemble"]
+  monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path)])
+  quality_report.main()
+  text = (tmp_path / "results.md").read_text()
+  assert "| PSNR (dB) | PConv (this model, x8 self-ensemble) |" in text
+  ensemble_check, plain_check = text.split("Without the self-ensemble (one network pass):")
+  assert "\n".join(quality_report.target_check(ensemble)) in ensemble_check
+  assert "\n".join(quality_report.target_check(plain)) in plain_check
+
+
 def test_report_refuses_an_unfinished_run(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["quality_report", "--pconv", str(tmp_path), "--conv", "x"])
   with pytest.raises(SystemExit, match="has no eval/step_"):
