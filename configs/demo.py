@@ -11,7 +11,9 @@ Variants (`--config configs/demo.py:VARIANT`):
   quality: the CPU quality recipe of docs/quality.md: the demo trained for 28000 steps (under 2
            hours on 2 CPU cores) with an SSIM term and a stronger TV term in the loss, rotated and
            zoomed-out crops, the finetune learning rate decaying to 0, and a held-out learning
-           curve. Add --config.model.partial=False for the paper's Conv ablation.
+           curve. Its table: `python -m pconv_jax.evaluate` with the same config and
+           --config.eval.self_ensemble=True. Add --config.model.partial=False for the paper's Conv
+           ablation.
 """
 
 import ml_collections
