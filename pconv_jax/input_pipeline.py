@@ -1,4 +1,4 @@
-"""Input pipeline: image sources -> decode, crop, flip -> with a hole mask -> per-process batches.
+"""Input pipeline: image sources -> decode, crop (zoom, flip, turn) -> with a hole mask -> batches.
 
 Sources (config.data.source):
   tfds    a tensorflow-datasets dataset prepared with file_format="array_record", read through
@@ -9,11 +9,11 @@ Sources (config.data.source):
 
 Determinism: training example at global position g (= step * global_batch + i) is record
 perm_e(g mod N) of epoch e = g div N, with grain's per-epoch index shuffle seeded from `seed`; its
-crop, flip and mask use `np.random.default_rng([seed, g, stream])`. Process p of P takes positions
-[p b, (p + 1) b) of every global batch (b = global_batch / P). A batch is therefore a function of
-(seed, step) alone: independent of restarts, of the worker count, and (globally) of the process
-count. The iterator state is the step; `TrainIterator.get_state()` / `set_state()` save and restore
-it.
+crop (with its zoom, flip and turn) and mask use `np.random.default_rng([seed, g, stream])`. Process
+p of P takes positions [p b, (p + 1) b) of every global batch (b = global_batch / P). A batch is
+therefore a function of (seed, step) alone: independent of restarts, of the worker count, and
+(globally) of the process count. The iterator state is the step; `TrainIterator.get_state()` /
+`set_state()` save and restore it.
 
 Unreadable images (corrupt, truncated, not an image) are replaced by the next readable record,
 logged and counted (`TrainIterator.num_skipped`); only many consecutive failures raise.
