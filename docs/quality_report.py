@@ -37,7 +37,7 @@ def final_results(
     if (match := pattern.match(path.parent.name))
   )
   if not steps:
-    name = evaluate.eval_dir_name(0, self_ensemble).replace("0", "<N>")
+    name = evaluate.eval_dir_name(0, self_ensemble).replace("step_0", "step_<N>")
     raise SystemExit(f"error: {workdir} has no eval/{name}/results.json: is the run finished?")
   path = steps[-1][1]
   return path.parent, json.loads(path.read_text())
