@@ -8,7 +8,8 @@ of `python -m pconv_jax.evaluate ... --config.eval.self_ensemble=True`, in
 `eval/step_<N>_self_ensemble/`), prints and writes `<out>/results.md`: the paper's table with
 PConv's rows, the Conv ablation's beside them when `--conv` is given, and the baselines', and
 whether PConv beats Telea and Navier-Stokes in PSNR and SSIM in every bin of TARGET_BINS of both
-mask sets (with `--self_ensemble`, also without it). Copies beside it each run's learning curve,
+mask sets (with `--self_ensemble`, also without it); with `--conv`, the same for Conv and PConv's
+differences from Conv in every bin. Copies beside it each run's learning curve,
 final sample grids and `train.log` (the run's console output).
 """
 
@@ -56,16 +57,16 @@ def merged(pconv: dict[str, Any], conv: dict[str, Any]) -> dict[str, Any]:
   return pconv | {"rows": rows, "method_names": {m: names[m] for m in methods}}
 
 
-def target_check(results: dict[str, Any]) -> list[str]:
-  """Per mask set and target bin: PConv's PSNR and SSIM margins over the better baseline."""
+def target_check(results: dict[str, Any], method: str = evaluate.MODEL_METHOD) -> list[str]:
+  """Per mask set and target bin: a model's PSNR and SSIM margins over the better baseline."""
   rows = {(r["method"], r["mask_set"], r["bin_index"]): r for r in results["rows"]}
   lines = [
-    "| mask set | bin | PSNR margin (dB) | SSIM margin | PConv ahead in both |",
+    "| mask set | bin | PSNR margin (dB) | SSIM margin | ahead in both |",
     "|---|---|---:|---:|---|",
   ]
   for mask_set in results["pairs"]:
     for i in TARGET_BINS:
-      model = rows[(evaluate.MODEL_METHOD, mask_set, i)]
+      model = rows[(method, mask_set, i)]
       margins = {
         key: model[key] - max(rows[(b, mask_set, i)][key] for b in BASELINES)
         for key in ("psnr", "ssim")
@@ -76,6 +77,28 @@ def target_check(results: dict[str, Any]) -> list[str]:
         f"{margins['ssim']:+.4f} | {ahead} |"
       )
   return lines
+
+
+def ablation_check(results: dict[str, Any]) -> list[str]:
+  """Per mask set and bin: PConv's L1, PSNR and SSIM minus the Conv ablation's, and a count of the
+  cells where PConv is better (lower L1, higher PSNR and SSIM)."""
+  rows = {(r["method"], r["mask_set"], r["bin_index"]): r for r in results["rows"]}
+  keys = {"l1_percent": "L1 (%)", "psnr": "PSNR (dB)", "ssim": "SSIM"}
+  lines = ["| mask set | bin | " + " | ".join(keys.values()) + " |", "|---|---|---:|---:|---:|"]
+  better = dict.fromkeys(keys, 0)
+  for mask_set in results["pairs"]:
+    for i in sorted({r["bin_index"] for r in results["rows"] if r["mask_set"] == mask_set}):
+      pconv, conv = rows[(evaluate.MODEL_METHOD, mask_set, i)], rows[(CONV, mask_set, i)]
+      diffs = {key: pconv[key] - conv[key] for key in keys}
+      for key, diff in diffs.items():
+        better[key] += diff < 0 if key == "l1_percent" else diff > 0
+      lines.append(
+        f"| {mask_set} | {evaluate.bin_label(i)} | {diffs['l1_percent']:+.3f} | "
+        f"{diffs['psnr']:+.2f} | {diffs['ssim']:+.4f} |"
+      )
+  cells = len(lines) - 2
+  counts = ", ".join(f"{keys[key]} in {n} of {cells}" for key, n in better.items())
+  return lines + ["", f"PConv is better than Conv in {counts} cells."]
 
 
 def main() -> None:
@@ -107,6 +130,25 @@ def main() -> None:
       *target_check(final_results(args.pconv)[1]),
       "",
     ]
+  if "conv" in finals:
+    lines += [
+      "The margin of the Conv ablation over the better of Telea and Navier-Stokes:",
+      "",
+      *target_check(results, CONV),
+      "",
+      "PConv minus the Conv ablation (L1: negative is PConv better):",
+      "",
+      *ablation_check(results),
+      "",
+    ]
+    if args.self_ensemble:
+      plain = merged(final_results(args.pconv)[1], final_results(args.conv)[1])
+      lines += [
+        "PConv minus the Conv ablation without the self-ensemble (one network pass each):",
+        "",
+        *ablation_check(plain),
+        "",
+      ]
   text = "\n".join(lines)
   (args.out / "results.md").write_text(text)
   print(text)

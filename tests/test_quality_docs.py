@@ -50,6 +50,12 @@ def test_report_puts_conv_beside_pconv_and_checks_the_target_bins(
         f"{margin['ssim']:+.4f} | {ahead} |"
       )
       assert expected in lines
+  # ... so Conv's margins over OpenCV are PConv's and it is better in no cell.
+  pconv_check, conv_check = "\n".join(lines).split("The margin of the Conv ablation")
+  assert "\n".join(quality_report.target_check(results)) in pconv_check
+  assert "\n".join(quality_report.target_check(results)) in conv_check
+  assert "| border | (0.5, 0.6] | +0.000 | +0.00 | +0.0000 |" in lines
+  assert "PConv is better than Conv in L1 (%) in 0 of 12, PSNR (dB) in 0 of 12, SSIM in 0 of 12 cells." in lines
   assert {p.name for p in tmp_path.iterdir()} == {
     "results.md",
     *(f"learning_curve_{m}.png" for m in ("pconv", "conv")),
@@ -95,6 +101,35 @@ def test_report_of_the_self_ensemble_adds_the_plain_margins(finished_run, tmp_pa
   ensemble_check, plain_check = text.split("Without the self-ensemble (one network pass):")
   assert "\n".join(quality_report.target_check(ensemble)) in ensemble_check
   assert "\n".join(quality_report.target_check(plain)) in plain_check
+
+
+def test_ablation_check_subtracts_conv_from_pconv_in_every_bin():
+  def row(method, mask_set, i, l1, psnr, ssim):
+    return dict(method=method, mask_set=mask_set, bin_index=i, l1_percent=l1, psnr=psnr, ssim=ssim)
+
+  results = {
+    "pairs": {"no_border": [1, 1], "border": [1, 1]},
+    "rows": [
+      row("pconv", "no_border", 0, 1.0, 30.0, 0.9),
+      row("pconv", "no_border", 1, 2.0, 25.0, 0.8),
+      row("pconv", "border", 0, 1.5, 28.0, 0.85),
+      row("pconv", "border", 1, 2.5, 24.0, 0.75),
+      row("conv", "no_border", 0, 1.25, 29.5, 0.875),  # Worse in all three.
+      row("conv", "no_border", 1, 1.5, 25.25, 0.8125),  # Better in all three.
+      row("conv", "border", 0, 1.5, 27.0, 0.9),  # Equal L1, lower PSNR, higher SSIM.
+      row("conv", "border", 1, 3.0, 23.0, 0.5),
+    ],
+  }
+  assert quality_report.ablation_check(results) == [
+    "| mask set | bin | L1 (%) | PSNR (dB) | SSIM |",
+    "|---|---|---:|---:|---:|",
+    "| no_border | (0.01, 0.1] | -0.250 | +0.50 | +0.0250 |",
+    "| no_border | (0.1, 0.2] | +0.500 | -0.25 | -0.0125 |",
+    "| border | (0.01, 0.1] | +0.000 | +1.00 | -0.0500 |",
+    "| border | (0.1, 0.2] | -0.500 | +1.00 | +0.2500 |",
+    "",
+    "PConv is better than Conv in L1 (%) in 2 of 4, PSNR (dB) in 3 of 4, SSIM in 2 of 4 cells.",
+  ]
 
 
 def test_report_refuses_an_unfinished_run(tmp_path, monkeypatch):
