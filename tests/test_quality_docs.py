@@ -55,7 +55,10 @@ def test_report_puts_conv_beside_pconv_and_checks_the_target_bins(
   assert "\n".join(quality_report.target_check(results)) in pconv_check
   assert "\n".join(quality_report.target_check(results)) in conv_check
   assert "| border | (0.5, 0.6] | +0.000 | +0.00 | +0.0000 |" in lines
-  assert "PConv is better than Conv in L1 (%) in 0 of 12, PSNR (dB) in 0 of 12, SSIM in 0 of 12 cells." in lines
+  assert (
+    "PConv is better than Conv in L1 (%) in 0 of 12, PSNR (dB) in 0 of 12, SSIM in 0 of 12 cells."
+    in lines
+  )
   assert {p.name for p in tmp_path.iterdir()} == {
     "results.md",
     *(f"learning_curve_{m}.png" for m in ("pconv", "conv")),
